@@ -1,0 +1,1 @@
+"""On-policy distillation with a control-variate baseline (vOPD) for Megatron-Core."""

@@ -1,0 +1,217 @@
+"""The vocab-parallel OPD / vOPD loss as one autograd.Function (DESIGN §3).
+
+Each tensor-parallel rank passes its `[..., V/tp]` shard of the student and
+teacher logits. The forward makes one pass over the shard per token chunk
+(stats.local_statistics), one all-gather of the `[tp, R, N]` statistics, and
+combines them into per-token losses. Nothing is written into the inputs.
+
+Why one all-gather rather than Megatron's all-reduce pair: every statistic is
+relative to its shard's maxima, so the ranks need each other's maxima *and*
+sums to combine them; gathering `R` fp32 rows per token (R = 7, 9 for
+vopd_opt, + 2k for the top-k modes, whose candidates ride along) costs one
+latency instead of two, and the top-k selection needs the gathered candidates
+anyway. At tp = 1 the collective is skipped; the code path is the same.
+
+What is kept for backward, beyond `[N]`-sized per-token tensors:
+
+* sampled modes: a reference to the student shard itself (no copy); the
+  backward recomputes p from it and the saved log-normaliser, writing
+  `dz = g * coef * (e_a - p) / tau` chunk by chunk;
+* full_kl: the backward needs the teacher too, so the forward writes the
+  gradient `p (log p - log q - K) / tau` once, in the student's dtype, and keeps
+  that instead of either input (the same bytes as the student shard);
+* topk_kl: only the `[N, k]` candidates of this shard.
+
+No `[N, V/tp]` fp32 buffer outlives a chunk, and the teacher shard is never
+referenced after the forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import stats as S
+from .config import LossConfig
+
+#: Rows per chunk are chosen so one fp32 temporary holds about this many elements.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def group_rank_size(group) -> tuple[int, int]:
+    """(rank, size) in the tensor-parallel group; (0, 1) without one."""
+    if group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def all_gather_stats(local: torch.Tensor, group, size: int) -> torch.Tensor:
+    """`[R, N]` per rank -> `[tp, R, N]` on every rank: the one collective of a call."""
+    if size == 1:
+        return local.unsqueeze(0)
+    out = local.new_empty((size * local.shape[0],) + tuple(local.shape[1:]))  # [tp*R, N]
+    _all_gather_single(out, local.contiguous(), group=group)
+    return out.view((size,) + tuple(local.shape))
+
+
+# torch >= 2.13 names it all_gather_single and deprecates the older name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _row_chunks(n: int, width: int, chunk_elements: int):
+    step = max(1, chunk_elements // max(1, width))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def _sampled_coefficients(cfg, st, baseline, mask, behavior, old):
+    """Per-token loss value and its derivative wrt log p(a), for sampled modes.
+
+    Mirrors reference.reference_token_terms with the derivative written out.
+    Returns (token_loss, coef, weight, clipped, mask), all [N] fp32.
+    """
+    cost = st.logp - st.logq - baseline  # r_t - b_t
+    weight, clipped = _rollout_weight(cfg, st.logp, behavior, old), None
+    if cfg.rollout_correction == "mask":
+        mask = mask * weight
+    if cfg.ppo_clip is not None:
+        ratio = torch.exp(st.logp - old)
+        clipped_ratio = ratio.clamp(1.0 - cfg.ppo_clip, 1.0 + cfg.ppo_clip)
+        loss = torch.maximum(ratio * cost, clipped_ratio * cost)
+        clipped = (clipped_ratio * cost > ratio * cost).to(cost.dtype)
+        coef = cost * ratio * (1.0 - clipped)  # d loss / d log p(a)
+    else:
+        loss, coef = cost * st.logp, cost
+    if cfg.rollout_correction == "truncate":
+        loss, coef = loss * weight, coef * weight
+    return loss * mask, coef * mask, weight, clipped, mask
+
+
+def _rollout_weight(cfg, logp, behavior, old):
+    """Truncated IS weight min(p/mu, C), or the keep flag (ratio <= C); None if off."""
+    if cfg.rollout_correction is None:
+        return None
+    proximal = logp if old is None else old
+    ratio_mu = torch.exp(proximal - behavior)
+    if cfg.rollout_correction == "truncate":
+        return ratio_mu.clamp(max=cfg.rollout_correction_cap)
+    return (ratio_mu <= cfg.rollout_correction_cap).to(ratio_mu.dtype)
+
+
+class VocabParallelOPDLoss(torch.autograd.Function):
+    """Per-token OPD-family losses from vocab-parallel shards.
+
+    forward(student [N, V/tp], teacher [N, V/tp], targets [N], mask [N] fp32,
+            behavior [N] | None, old [N] | None, config, vocab_size, group,
+            chunk_elements)
+    returns (token_loss [N], mask [N], logp [N], logq [N], kl [N],
+             baseline [N], topk_kl [N] | None, weight [N] | None,
+             clipped [N] | None); only token_loss is differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, z, u, targets, mask, behavior, old, cfg: LossConfig, vocab_size, group, chunk_elements):
+        n, part = z.shape
+        rank, size = group_rank_size(group)
+        start = rank * part
+        width = S.shard_width(vocab_size, start, part)
+        tau = cfg.temperature
+        need_opt = cfg.mode == "vopd_opt"
+        k = min(cfg.top_k, vocab_size) if cfg.needs_topk else 0
+        local_target = targets - start  # [N]
+        owned = (local_target >= 0) & (local_target < width)  # [N]
+
+        local = torch.empty(S.stat_rows(need_opt, k), n, dtype=S.stat_dtype(z.dtype), device=z.device)  # [R, N]
+        k_loc = min(k, width)
+        cols = torch.empty(n, k_loc, dtype=torch.long, device=z.device) if cfg.mode == "topk_kl" else None
+        for rows in _row_chunks(n, width, chunk_elements):
+            S.local_statistics(
+                S.scaled_fp32(z[rows, :width], tau), S.scaled_fp32(u[rows, :width], tau),
+                local_target[rows], owned[rows], need_opt, k, local[:, rows],
+                None if cols is None else cols[rows],
+            )
+        gathered = all_gather_stats(local, group, size)  # [tp, R, N]
+        st = S.combine_statistics(gathered, need_opt)
+        if cfg.check_inputs:
+            _check_teacher_finite(st)
+
+        topk = S.combine_topk(gathered, k, k) if k else None
+        baseline = {
+            "opd": torch.zeros_like(st.kl),
+            "vopd_topk": topk.kl if topk is not None else None,
+            "vopd_opt": S.optimal_baseline_from_stats(st.kl, st.s2, st.p2_dev, cfg.baseline_eps(st.kl.dtype))
+            if need_opt else None,
+        }.get(cfg.mode, st.kl)
+
+        ctx.cfg, ctx.width, ctx.part, ctx.chunk_elements = cfg, width, part, chunk_elements
+        ctx.z_dtype = z.dtype
+        weight = clipped = None
+        if cfg.sampled:
+            token_loss, coef, weight, clipped, mask = _sampled_coefficients(cfg, st, baseline, mask, behavior, old)
+            ctx.save_for_backward(z, st.lse_z, coef, local_target, owned)
+        else:
+            if cfg.rollout_correction is not None:
+                weight = _rollout_weight(cfg, st.logp, behavior, old)
+                if cfg.rollout_correction == "mask":
+                    mask = mask * weight
+            if cfg.mode == "full_kl":
+                token_loss = st.kl * mask
+                grad = _full_kl_gradient(z, u, st, mask, tau, width, chunk_elements)  # [N, V/tp] z.dtype
+                ctx.save_for_backward(grad)
+            else:
+                token_loss = topk.kl * mask
+                member = topk.member[:, rank * k : rank * k + k_loc]  # [N, k_loc] this shard's picks
+                cand = local[-2 * k :].t()  # [N, 2k] this shard's candidate z and u
+                ctx.save_for_backward(cand[:, :k_loc].contiguous(), cand[:, k : k + k_loc].contiguous(),
+                                      member, cols, topk.lse_z, topk.lse_u, topk.kl, mask)
+        aux = (mask, st.logp, st.logq, st.kl, baseline,
+               None if topk is None else topk.kl, weight, clipped)
+        ctx.mark_non_differentiable(*[t for t in aux if t is not None])
+        return (token_loss,) + aux
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        cfg = ctx.cfg
+        if cfg.sampled:
+            z, lse_z, coef, local_target, owned = ctx.saved_tensors
+            c = grad_loss.to(coef.dtype) * coef / cfg.temperature  # [N]
+            dz = torch.empty_like(z)  # [N, V/tp]
+            dz[:, ctx.width:].zero_()
+            for rows in _row_chunks(z.shape[0], ctx.width, ctx.chunk_elements):
+                zs = S.scaled_fp32(z[rows, : ctx.width], cfg.temperature)
+                dz[rows, : ctx.width] = S.softmax_minus_onehot(zs, lse_z[rows], c[rows], local_target[rows], owned[rows])
+        elif cfg.mode == "full_kl":
+            (grad,) = ctx.saved_tensors
+            dz = grad * grad_loss.to(grad.dtype)[:, None]
+        else:
+            cz, cu, member, cols, lse_zs, lse_us, kl_s, mask = ctx.saved_tensors
+            dz = torch.zeros(cz.shape[0], ctx.part, dtype=ctx.z_dtype, device=cz.device)
+            if cols.shape[1]:
+                logp = cz - lse_zs[:, None]  # [N, k_loc] log p~
+                r = logp - (cu - lse_us[:, None])  # log p~ - log q~
+                c = (grad_loss.to(mask.dtype) * mask / cfg.temperature)[:, None]
+                g = logp.exp() * (r - kl_s[:, None]) * c * member
+                dz.scatter_(1, cols, g.to(dz.dtype))
+        return (dz,) + (None,) * 9
+
+
+def _full_kl_gradient(z, u, st, mask, tau, width, chunk_elements):
+    """mask * p (log p - log q - K) / tau for every column, in z's dtype."""
+    grad = torch.zeros_like(z)  # [N, V/tp]
+    coef = mask / tau
+    for rows in _row_chunks(z.shape[0], width, chunk_elements):
+        zs = S.scaled_fp32(z[rows, :width], tau)
+        us = S.scaled_fp32(u[rows, :width], tau)
+        grad[rows, :width] = S.full_kl_gradient(zs, us, (st.lse_z[rows], st.lse_u[rows], st.kl[rows]), coef[rows])
+    return grad
+
+
+def _check_teacher_finite(st):
+    # lse_u is non-finite for +inf/NaN teacher logits; K for -inf ones (given a
+    # finite student). Both are global, so every rank raises together.
+    bad = ~torch.isfinite(st.lse_u) | (~torch.isfinite(st.kl) & torch.isfinite(st.lse_z))
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"non-finite teacher logits on real vocabulary columns (token rows {rows}...); "
+            "check the teacher checkpoint and its vocabulary padding"
+        )

@@ -1,0 +1,1 @@
+"""The thin layer that touches Megatron-Core: CPU compatibility and adapters."""
