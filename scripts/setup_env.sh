@@ -10,6 +10,10 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${VOPD_VENV:-$root/.venv}
 torch_version=${VOPD_TORCH_VERSION:-2.13.0}
 
+quiet_pip() {  # drop pip's notes about local index folders that do not exist here
+  grep -v -e "^WARNING: Location 'file:" -e "BuildBackendWarning" || true
+}
+
 version_ok() {  # exit 0 when "$1" is a Python >= 3.12
   "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' 2>/dev/null
 }
@@ -48,15 +52,15 @@ MSG
   echo "[setup] creating $venv with $base ($("$base" --version))"
   "$base" -m venv "$venv"
   py="$venv/bin/python"
-  "$py" -m pip install -q --upgrade pip
+  "$py" -m pip install -q --upgrade pip 2>&1 | quiet_pip
 fi
 
 if ! "$py" -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch==$torch_version (the PyPI build; it runs on CPU)"
-  "$py" -m pip install -q "torch==$torch_version"
+  "$py" -m pip install -q "torch==$torch_version" 2>&1 | quiet_pip
 fi
 echo "[setup] installing vopd_megatron[test] (editable) and megatron-core"
-"$py" -m pip install -q -e "$root[test]"
+"$py" -m pip install -q -e "$root[test]" 2>&1 | quiet_pip
 "$py" - <<'PY'
 import megatron.core, torch, vopd_megatron
 print(f"[setup] ok: python {__import__('sys').version.split()[0]}, torch {torch.__version__}, "
