@@ -212,6 +212,9 @@ def test_ppo_clip(pool, mode):
 
 def megatron_peer(tp, inputs, vocab):
     """-log p(a) from our loss and from megatron-core's vocab-parallel CE, fused and plain."""
+    import inspect
+
+    from megatron.core import parallel_state
     from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
@@ -223,8 +226,16 @@ def megatron_peer(tp, inputs, vocab):
     z, u = shard(z_full.float(), tp, rank, vocab), shard(u_full.float(), tp, rank, vocab)
     terms = vocab_parallel_token_terms(z, u, targets, torch.ones_like(mask), LossConfig(mode="opd"),
                                        vocab_size=vocab, group=group)
-    ce = vocab_parallel_cross_entropy(z.clone(), targets, tp_group=group)
-    fused = fused_vocab_parallel_cross_entropy(z.clone(), targets, group)
+    # megatron-core 0.16 reads the TP group from its global state; 0.19 takes it.
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    try:
+        takes_group = "tp_group" in inspect.signature(vocab_parallel_cross_entropy).parameters
+        kwargs = {"tp_group": parallel_state.get_tensor_model_parallel_group()} if takes_group else {}
+        ce = vocab_parallel_cross_entropy(z.clone(), targets, **kwargs)  # clone: it writes fp32 input
+        fused = fused_vocab_parallel_cross_entropy(z.clone(), targets,
+                                                   parallel_state.get_tensor_model_parallel_group())
+    finally:
+        parallel_state.destroy_model_parallel()
     return terms.logp, ce, fused
 
 

@@ -75,12 +75,13 @@ def local_statistics(zs, us, local_target, owned, need_opt, k, out, cols_out=Non
     z_max = zs.amax(dim=-1)  # [n]
     u_max = us.amax(dim=-1)  # [n]
     zs_shift = zs - z_max[:, None]  # [n, w]
-    d = zs_shift - (us - u_max[:, None])  # [n, w]
+    us_shift = us - u_max[:, None]  # [n, w]
+    d = zs_shift - us_shift  # [n, w]
     e = zs_shift.exp_()  # [n, w], reuses zs_shift
     out[Z_MAX] = z_max
     out[U_MAX] = u_max
     out[Z_SUM] = e.sum(-1)
-    out[U_SUM] = (us - u_max[:, None]).exp_().sum(-1)
+    out[U_SUM] = us_shift.exp_().sum(-1)
     out[Z_DIFF] = (e * d).sum(-1)
     idx = local_target.clamp(0, w - 1).unsqueeze(-1)  # [n, 1]
     out[Z_TARGET] = torch.where(owned, zs.gather(-1, idx).squeeze(-1), 0.0)

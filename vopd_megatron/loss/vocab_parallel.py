@@ -143,7 +143,7 @@ class VocabParallelOPDLoss(torch.autograd.Function):
         }.get(cfg.mode, st.kl)
 
         ctx.cfg, ctx.width, ctx.part, ctx.chunk_elements = cfg, width, part, chunk_elements
-        ctx.z_dtype = z.dtype
+        ctx.z_dtype, ctx.consumed = z.dtype, False
         weight = clipped = None
         if cfg.sampled:
             token_loss, coef, weight, clipped, mask = _sampled_coefficients(cfg, st, baseline, mask, behavior, old)
@@ -180,8 +180,14 @@ class VocabParallelOPDLoss(torch.autograd.Function):
                 zs = S.scaled_fp32(z[rows, : ctx.width], cfg.temperature)
                 dz[rows, : ctx.width] = S.softmax_minus_onehot(zs, lse_z[rows], c[rows], local_target[rows], owned[rows])
         elif cfg.mode == "full_kl":
+            # Scaled in place, as Megatron's cross entropy does with its saved
+            # softmax: no second [N, V/tp] buffer. The graph is therefore
+            # single-use (retain_graph with a second backward is refused).
+            if ctx.consumed:
+                raise RuntimeError("full_kl backward ran twice; its saved gradient is scaled in place")
+            ctx.consumed = True
             (grad,) = ctx.saved_tensors
-            dz = grad * grad_loss.to(grad.dtype)[:, None]
+            dz = grad.mul_(grad_loss.float()[:, None])  # computed in fp32, rounded once
         else:
             cz, cu, member, cols, lse_zs, lse_us, kl_s, mask = ctx.saved_tensors
             dz = torch.zeros(cz.shape[0], ctx.part, dtype=ctx.z_dtype, device=cz.device)

@@ -1,0 +1,381 @@
+"""Time and memory of every OPD / vOPD loss mode next to Megatron-Core's cross entropy.
+
+Why these rows: a distillation step pays the loss once per microbatch on the
+last pipeline stage, over `[N, V/tp]` logits of *two* models. The question a
+Megatron user asks is "what does switching from pre-training CE to (v)OPD cost
+me?", so every mode of `vocab_parallel_opd_loss` is measured on the same inputs
+as
+
+* `megatron_ce`: `tensor_parallel.vocab_parallel_cross_entropy`, the loss the
+  user already runs (the ratio columns are relative to it);
+* `megatron_ce_fused`: `fusions.fused_cross_entropy`, its torch.compile'd
+  variant (compiled during warm-up; a failure is reported, not raised);
+* `unfused_full_kl`: the full-vocabulary reverse KL written the usual way
+  (`log_softmax` of both models, `F.kl_div(..., log_target=True)`), which is
+  what `full_kl` replaces (TP = 1 only: it needs the whole vocabulary).
+
+Each row is forward + backward to the student logits (the gradient is kept
+alive until the step ends, as it would be in training). Time is the median
+over `--repeats` rounds after `--warmup` untimed runs, each round running
+every row once: CUDA events on a GPU, `time.perf_counter` on CPU. Peak extra
+memory is the allocator's high-water mark during one step minus what was
+allocated before it (inputs excluded, the gradient included):
+`torch.cuda.max_memory_allocated` on a GPU; on CPU, the running sum of the
+allocation / free events that `torch.profiler(profile_memory=True)` records
+from PyTorch's CPU allocator.
+
+CPU numbers are a smoke test, not a forecast for the GPU: PyTorch's CPU
+allocator hands large blocks back to the OS, so every fresh `[N, V]`
+temporary pays page faults that the CUDA caching allocator never does, and
+losses that make more temporaries look slower than they would on a GPU
+(`MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184`
+in the environment keeps them mapped and removes most of that).
+
+On a GPU the table adds the bandwidth against the physical floor of DESIGN §3:
+the distillation rows must read `z` and `u` in forward and read `z` and write
+`dz` in backward (4 passes over `[N, V/tp]`), the CE rows 3 passes; the floor
+bytes divided by the measured time, and that as a share of `--peak-gbs`.
+
+Megatron's CE subtracts the max from fp32 logits in place, so its rows get a
+fresh clone of the student logits per run, made outside the timed region.
+
+    python benchmarks/bench_loss.py                      # CPU: small shape, ~1 min
+    python benchmarks/bench_loss.py --csv out.csv        # also write CSV
+    torchrun --nproc-per-node 2 benchmarks/bench_loss.py # TP = 2 (optional)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import socket
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from vopd_megatron.loss import LOSS_MODES, TOPK_MODES, LossConfig, vocab_parallel_opd_loss
+
+#: Peak HBM bandwidth in GB/s by device-name substring, for the "% of peak" column.
+PEAK_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
+MIB = 1 << 20
+
+
+@dataclass
+class Inputs:
+    """One rank's shard of a batch of tokens, shared by every row."""
+
+    z: torch.Tensor  # [N, V/tp] student logits
+    u: torch.Tensor  # [N, V/tp] teacher logits
+    targets: torch.Tensor  # [N] sampled token ids (global vocabulary)
+    mask: torch.Tensor  # [N] 1 on completion tokens
+    vocab_size: int
+    group: dist.ProcessGroup | None  # tensor-parallel group; None at TP = 1
+
+
+@dataclass
+class Row:
+    """One benchmarked loss: `prepare()` builds the untimed per-run input,
+    `step(x)` runs forward + backward and returns the gradient."""
+
+    name: str
+    prepare: Callable[[], torch.Tensor]
+    step: Callable[[torch.Tensor], torch.Tensor]
+    passes: int  # passes over [N, V/tp] in the bandwidth floor
+
+
+# --- setup ------------------------------------------------------------------------
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, help="N tokens (default 8192 on GPU, 1024 on CPU)")
+    p.add_argument("--vocab", type=int, help="global vocabulary V (default 128256 on GPU, 32000 on CPU)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--repeats", type=int, help="timed runs per row (default 20 on GPU, 5 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed runs per row (default 3 on GPU, 1 on CPU)")
+    p.add_argument("--modes", default=",".join(LOSS_MODES), help="comma-separated loss modes")
+    p.add_argument("--top-k", type=int, default=64, help="k of vopd_topk and topk_kl")
+    p.add_argument("--peak-gbs", type=float, help="peak memory bandwidth (GB/s) for the %% column")
+    p.add_argument("--no-cpu-compat", action="store_true",
+                   help="on CPU, skip vopd_megatron.megatron.cpu_compat.enable()")
+    p.add_argument("--csv", help="also write the table to this CSV file")
+    return p.parse_args()
+
+
+def init_distributed(device: torch.device) -> dist.ProcessGroup:
+    """The TP group: WORLD under torchrun, else a 1-process group (Megatron's CE needs one)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        with socket.socket() as s:  # a free local port for the 1-process store
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return dist.group.WORLD
+
+
+def make_inputs(n: int, vocab: int, dtype: torch.dtype, device, group) -> Inputs:
+    """Random logits with a realistic student-teacher gap; each rank draws its own shard."""
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    if vocab % tp:
+        raise SystemExit(f"--vocab {vocab} must be divisible by the TP size {tp}")
+    gen = torch.Generator(device=device).manual_seed(1234 + rank)
+    z = 4.0 * torch.randn(n, vocab // tp, device=device, generator=gen)  # [N, V/tp] fp32
+    u = z + torch.randn(n, vocab // tp, device=device, generator=gen)  # [N, V/tp] fp32
+    shared = torch.Generator(device=device).manual_seed(0)  # same targets on every rank
+    targets = torch.randint(0, vocab, (n,), device=device, generator=shared)  # [N]
+    mask = (torch.arange(n, device=device) % 8 != 0).float()  # [N] 1/8 prompt tokens
+    return Inputs(z.to(dtype), u.to(dtype), targets, mask, vocab, group if tp > 1 else None)
+
+
+# --- the rows -----------------------------------------------------------------------
+
+
+def student_leaf(inp: Inputs) -> Callable[[], torch.Tensor]:
+    return lambda: inp.z.detach().requires_grad_()
+
+
+def opd_row(inp: Inputs, mode: str, top_k: int) -> Row:
+    config = LossConfig(mode=mode, top_k=top_k if mode in TOPK_MODES else None)
+
+    def step(z):
+        loss_sum, num_tokens, _ = vocab_parallel_opd_loss(
+            z, inp.u, inp.targets, inp.mask, config, vocab_size=inp.vocab_size, group=inp.group)
+        return torch.autograd.grad(loss_sum / num_tokens, z)[0]  # [N, V/tp]
+
+    name = f"{mode} (k={top_k})" if mode in TOPK_MODES else mode
+    return Row(name, student_leaf(inp), step, passes=4)
+
+
+def megatron_ce_row(inp: Inputs, tp_group, fused: bool) -> Row:
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    def step(z):
+        if fused:
+            loss = fused_vocab_parallel_cross_entropy(z, inp.targets, tp_group)  # [N]
+        else:
+            loss = vocab_parallel_cross_entropy(z, inp.targets, tp_group=tp_group)  # [N]
+        return torch.autograd.grad((loss * inp.mask).sum() / inp.mask.sum(), z)[0]
+
+    def fresh_clone():  # CE writes into fp32 logits
+        return inp.z.detach().clone().requires_grad_()
+
+    return Row("megatron_ce_fused" if fused else "megatron_ce", fresh_clone, step, passes=3)
+
+
+def unfused_kl_row(inp: Inputs) -> Row:
+    def step(z):
+        logp = F.log_softmax(z.float(), dim=-1)  # [N, V] fp32
+        logq = F.log_softmax(inp.u.float(), dim=-1)  # [N, V] fp32
+        kl = F.kl_div(logq, logp, reduction="none", log_target=True).sum(-1)  # [N] KL(p || q)
+        return torch.autograd.grad((kl * inp.mask).sum() / inp.mask.sum(), z)[0]
+
+    return Row("unfused_full_kl", student_leaf(inp), step, passes=4)
+
+
+def build_rows(inp: Inputs, tp_group, modes, top_k) -> list[Row]:
+    rows = [megatron_ce_row(inp, tp_group, fused=False), megatron_ce_row(inp, tp_group, fused=True)]
+    if inp.group is None:
+        rows.append(unfused_kl_row(inp))
+    return rows + [opd_row(inp, mode, top_k) for mode in modes]
+
+
+# --- measurement -------------------------------------------------------------------
+
+
+def warm_up(row: Row, runs: int) -> str | None:
+    """Untimed runs (at least one: it compiles the fused CE); the failure reason, if any."""
+    try:
+        for _ in range(max(1, runs)):
+            row.step(row.prepare())
+    except Exception as exc:  # noqa: BLE001 - one broken row must not hide the others
+        return short_reason(exc)
+    return None
+
+
+def time_once(row: Row, device) -> float:
+    """Milliseconds of one forward + backward; the input is prepared outside the timed region."""
+    x = row.prepare()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        row.step(x)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    row.step(x)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def median_times(rows: list[Row], repeats: int, device) -> dict[str, float]:
+    """Median ms per row. Rounds interleave the rows, so a noisy neighbour (a
+    shared CPU, GPU clocks) slows every row alike instead of one row at random."""
+    times = {row.name: [] for row in rows}
+    for _ in range(repeats):
+        for row in rows:
+            times[row.name].append(time_once(row, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_extra_bytes(row: Row, device) -> int:
+    """Allocator high-water mark of one step, above what was allocated before it."""
+    x = row.prepare()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        row.step(x)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    return cpu_peak_bytes(lambda: row.step(x))
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Peak of the running sum of CPU allocator events recorded while `fn` runs."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+    level = peak = 0
+    for _, size in sorted(events):
+        level += size
+        peak = max(peak, level)
+    return peak
+
+
+def short_reason(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:90]}"
+
+
+def measure(rows: list[Row], args, device) -> list[dict]:
+    """{'name', 'ms', 'mb', 'passes', 'error'} per row; a failing row gets 'error'."""
+    errors = {row.name: warm_up(row, args.warmup) for row in rows}
+    live = [row for row in rows if errors[row.name] is None]
+    ms = median_times(live, args.repeats, device)
+    results = []
+    for row in rows:
+        r = {"name": row.name, "ms": ms.get(row.name), "mb": None, "passes": row.passes, "error": errors[row.name]}
+        if r["error"] is None:
+            try:
+                r["mb"] = peak_extra_bytes(row, device) / MIB
+            except Exception as exc:  # noqa: BLE001
+                r["error"] = f"memory: {short_reason(exc)}"
+        results.append(r)
+    return results
+
+
+# --- report -------------------------------------------------------------------------
+
+
+def ratio(x, ref, floor=1e-3):
+    return "-" if x is None or ref is None or ref < floor else f"{x / ref:.2f}"
+
+
+def known_peak_gbs(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((gbs for key, gbs in PEAK_GBS.items() if key in name), None)
+
+
+def add_derived(results, inp: Inputs, peak_gbs, device) -> None:
+    """Ratios to Megatron CE, and on GPU the bandwidth against the floor."""
+    ce = next(r for r in results if r["name"] == "megatron_ce")
+    elements = inp.z.numel() * inp.z.element_size()  # bytes of one [N, V/tp] pass
+    for r in results:
+        r["x_ce_time"] = ratio(r["ms"], ce["ms"])
+        r["x_ce_mem"] = ratio(r["mb"], ce["mb"], floor=1.0)
+        if device.type == "cuda" and r["ms"]:
+            gbs = r["passes"] * elements / (r["ms"] * 1e-3) / 1e9
+            r["floor_gbs"] = f"{gbs:.0f}"
+            r["pct_peak"] = f"{100 * gbs / peak_gbs:.0f}%" if peak_gbs else "-"
+
+
+def print_table(results, header: str, device) -> None:
+    cols = ["name", "time ms", "x CE time", "peak extra MiB", "x CE mem"]
+    if device.type == "cuda":
+        cols += ["floor GB/s", "% of peak"]
+    print(header)
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join(" --- " for _ in cols) + "|")
+    for r in results:
+        if r["error"]:
+            cells = [r["name"], f"n/a ({r['error']})"] + [""] * (len(cols) - 2)
+        else:
+            cells = [r["name"], f"{r['ms']:.2f}", r["x_ce_time"], f"{r['mb']:.1f}", r["x_ce_mem"]]
+            if device.type == "cuda":
+                cells += [r["floor_gbs"], r["pct_peak"]]
+        print("| " + " | ".join(cells) + " |")
+
+
+def write_csv(path, results, meta: dict) -> None:
+    fields = list(meta) + ["name", "ms", "mb", "x_ce_time", "x_ce_mem", "floor_gbs", "pct_peak", "error"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in results:
+            writer.writerow({**meta, **r})
+
+
+def header_line(args, inp: Inputs, device, tp, compat) -> str:
+    from importlib.metadata import version
+
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    memory = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+              else "CPU allocator events from torch.profiler(profile_memory=True)")
+    return (f"N={args.tokens} V={args.vocab} (V/tp={inp.z.shape[-1]}, tp={tp}) {args.dtype} on {where}; "
+            f"median of {args.repeats} after {args.warmup} warm-up; fwd+bwd; "
+            f"peak extra memory: {memory}; torch {torch.__version__}, "
+            f"megatron-core {version('megatron-core')}; cpu_compat: {compat}\n")
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    args.tokens = args.tokens or (8192 if gpu else 1024)
+    args.vocab = args.vocab or (128256 if gpu else 32000)
+    args.repeats = args.repeats or (20 if gpu else 5)
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    modes = [m for m in args.modes.split(",") if m]
+    compat = "n/a (GPU)" if gpu else "off (--no-cpu-compat)"
+    if not gpu and not args.no_cpu_compat:
+        from vopd_megatron.megatron import cpu_compat
+        compat = f"enabled={cpu_compat.enable()}"
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    tp_group = init_distributed(device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    inp = make_inputs(args.tokens, args.vocab, dtype, device, tp_group)
+
+    results = measure(build_rows(inp, tp_group, modes, args.top_k), args, device)
+    add_derived(results, inp, args.peak_gbs or known_peak_gbs(device), device)
+    tp = dist.get_world_size(tp_group)
+    if dist.get_rank() == 0:
+        print_table(results, header_line(args, inp, device, tp, compat), device)
+        if args.csv:
+            meta = {"tokens": args.tokens, "vocab": args.vocab, "tp": tp, "dtype": args.dtype,
+                    "device": str(device), "top_k": args.top_k}
+            write_csv(args.csv, results, meta)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
