@@ -14,6 +14,7 @@ poison the next.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import socket
@@ -81,12 +82,15 @@ class GlooPool:
             ctx.Process(
                 target=_worker,
                 args=(r, self.world_size, port, self._tasks[r], self._results, self.collective_timeout_s),
-                daemon=True,
+                # Not daemonic: ranks may start processes of their own
+                # (torch_dist checkpoint writers); close() and atexit end them.
+                daemon=False,
             )
             for r in range(self.world_size)
         ]
         for p in self._procs:
             p.start()
+        atexit.register(self.close)
 
     def run(self, fn, *args, **kwargs) -> list:
         """Run `fn(*args, **kwargs)` on every rank; return the results by rank."""

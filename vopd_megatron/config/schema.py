@@ -1,0 +1,233 @@
+"""Typed run configuration: Megatron-LM's names for what Megatron has, `vopd_*` for the rest.
+
+Every field is named after the Megatron-LM flag it mirrors (`--num-layers` ->
+`num_layers`), so a user's existing flags and YAML carry over unchanged; the
+distillation fields mirror the plugin's `--vopd-*` and `--teacher-*` flags.
+`RunConfig.validate(world_size)` checks everything that can be checked before
+any process group or weight exists, and raises `ConfigError` naming the flag.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from ..loss.config import LOSS_MODES, TOPK_MODES, LossConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any work starts."""
+
+
+@dataclass
+class ModelArgs:
+    """Shape of one GPT model (student or teacher); Megatron-LM flag names."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: int | None = None
+    """Defaults to 4 * hidden_size (Megatron's default)."""
+    num_query_groups: int | None = None
+    """Grouped-query attention groups; None = multi-head attention."""
+    kv_channels: int | None = None
+    """Per-head dimension; defaults to hidden_size / num_attention_heads."""
+    seq_length: int = 128
+    max_position_embeddings: int | None = None
+    """Defaults to seq_length."""
+    position_embedding_type: str = "rope"
+    """"rope", "learned_absolute" or "none"."""
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    normalization: str = "LayerNorm"
+    """"LayerNorm" or "RMSNorm"."""
+    norm_epsilon: float = 1e-5
+    swiglu: bool = False
+    untie_embeddings_and_output_weights: bool = False
+    disable_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    init_method_std: float = 0.02
+    vocab_size: int | None = None
+    """True vocabulary size (the tokenizer's); the output layer is padded."""
+    make_vocab_size_divisible_by: int = 128
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Megatron's padding: the next multiple of make_vocab_size_divisible_by * tp."""
+        step = self.make_vocab_size_divisible_by * tp
+        return int(math.ceil(self.vocab_size / step) * step)
+
+
+@dataclass
+class ParallelArgs:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class TrainArgs:
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    train_iters: int = 10
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "constant"
+    """"constant", "linear" or "cosine" (Megatron's names)."""
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None
+    """Defaults to train_iters."""
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    bf16: bool = False
+    seed: int = 1234
+    calculate_per_token_loss: bool = True
+    """Global token mean over the whole batch (False: per-microbatch means)."""
+
+
+@dataclass
+class CheckpointArgs:
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    teacher_load: str | None = None
+    """Teacher checkpoint (loaded read-only); None keeps the teacher's random init (tests)."""
+
+
+@dataclass
+class LoggingArgs:
+    tensorboard_dir: str | None = None
+    log_interval: int = 1
+
+
+@dataclass
+class DistillArgs:
+    """The plugin's `--vopd-*` flags; `loss_config()` turns them into a LossConfig."""
+
+    vopd_loss: str = "vopd"
+    vopd_top_k: int | None = None
+    vopd_temperature: float = 1.0
+    vopd_rollout_correction: str | None = None
+    vopd_rollout_correction_cap: float = 2.0
+    vopd_ppo_clip: float | None = None
+    teacher_model_config: str | None = None
+    """YAML of ModelArgs overrides for the teacher (it may be deeper and wider)."""
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(
+            mode=self.vopd_loss, top_k=self.vopd_top_k, temperature=self.vopd_temperature,
+            rollout_correction=self.vopd_rollout_correction,
+            rollout_correction_cap=self.vopd_rollout_correction_cap, ppo_clip=self.vopd_ppo_clip,
+        )
+
+
+@dataclass
+class DataArgs:
+    rollout_data: str | None = None
+    """JSONL of tokenized rollouts (file-backed RolloutSource)."""
+    tokenizer_model: str | None = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    teacher: ModelArgs = field(default_factory=ModelArgs)
+    parallel: ParallelArgs = field(default_factory=ParallelArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+    distill: DistillArgs = field(default_factory=DistillArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
+        return world_size // mp
+
+    def num_microbatches(self, world_size: int) -> int:
+        per_step = self.train.micro_batch_size * self.data_parallel_size(world_size)
+        return self.train.global_batch_size // per_step
+
+    def validate(self, world_size: int) -> "RunConfig":
+        """Raise ConfigError for anything wrong that needs no GPU to see."""
+        p, t = self.parallel, self.train
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        if tp < 1 or pp < 1:
+            raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+        if world_size % (tp * pp):
+            raise ConfigError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
+        for who, m in (("student", self.model), ("teacher", self.teacher)):
+            _validate_model(who, m, tp, pp)
+        if self.model.vocab_size != self.teacher.vocab_size:
+            raise ConfigError(
+                f"teacher vocab size {self.teacher.vocab_size} != student vocab size "
+                f"{self.model.vocab_size}: distillation needs one shared tokenizer and vocabulary"
+            )
+        if self.model.seq_length != self.teacher.seq_length:
+            raise ConfigError("teacher and student must use the same --seq-length")
+        dp = world_size // (tp * pp)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"--global-batch-size {t.global_batch_size} is not divisible by "
+                f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}"
+            )
+        if self.distill.vopd_loss not in LOSS_MODES:
+            raise ConfigError(f"unknown --vopd-loss {self.distill.vopd_loss!r}; expected one of {LOSS_MODES}")
+        if self.distill.vopd_loss in TOPK_MODES and self.distill.vopd_top_k is None:
+            raise ConfigError(f"--vopd-loss {self.distill.vopd_loss} needs --vopd-top-k")
+        try:
+            self.distill.loss_config()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if t.lr_decay_style not in ("constant", "linear", "cosine"):
+            raise ConfigError(f"unknown --lr-decay-style {t.lr_decay_style!r}")
+        if p.sequence_parallel and tp == 1:
+            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        return self
+
+
+def _validate_model(who, m: ModelArgs, tp, pp):
+    if m.vocab_size is None or m.vocab_size < 1:
+        raise ConfigError(f"{who}: vocab size unknown (set --vocab-size or a tokenizer)")
+    if m.num_attention_heads % tp:
+        raise ConfigError(
+            f"{who}: --num-attention-heads {m.num_attention_heads} is not divisible by "
+            f"--tensor-model-parallel-size {tp}"
+        )
+    if m.query_groups % tp:
+        raise ConfigError(f"{who}: --num-query-groups {m.query_groups} is not divisible by TP {tp}")
+    if m.num_attention_heads % m.query_groups:
+        raise ConfigError(f"{who}: --num-attention-heads must be a multiple of --num-query-groups")
+    if pp > m.num_layers:
+        raise ConfigError(f"{who}: --pipeline-model-parallel-size {pp} is larger than --num-layers {m.num_layers}")
+    if m.num_layers % pp:
+        raise ConfigError(f"{who}: --num-layers {m.num_layers} is not divisible by PP {pp}")
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"{who}: --hidden-size must be divisible by --num-attention-heads (or set --kv-channels)")
+    if m.ffn_size % tp:
+        raise ConfigError(f"{who}: --ffn-hidden-size {m.ffn_size} is not divisible by TP {tp}")
+    if m.position_embedding_type not in ("rope", "learned_absolute", "none"):
+        raise ConfigError(f"{who}: unknown --position-embedding-type {m.position_embedding_type!r}")
+    if m.normalization not in ("LayerNorm", "RMSNorm"):
+        raise ConfigError(f"{who}: unknown --normalization {m.normalization!r}")
+
+
+def section_fields(section) -> list[str]:
+    """Field names of a config section dataclass (for flag generation)."""
+    return [f.name for f in fields(section)]

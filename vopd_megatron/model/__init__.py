@@ -1,0 +1,1 @@
+"""Model construction from Megatron-LM-named configuration."""

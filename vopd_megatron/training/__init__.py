@@ -1,0 +1,1 @@
+"""The Megatron training side: data, step, checkpoints, logging, the entry point."""

@@ -1,0 +1,118 @@
+"""Rollouts in, fixed-shape microbatches out.
+
+A rollout is one sampled completion: the prompt's token ids, the completion's
+token ids, and optionally the sampling engine's log-probs of the completion
+tokens (for the rollout correction). `RolloutSource` is the seam between the
+trainer and whatever produces rollouts: the in-process engine (later), or a
+file written by an external inference server (`JsonlRolloutSource`).
+
+`collate` lays rollouts out the Megatron way: `tokens = seq[:-1]`,
+`labels = seq[1:]`, so the logits at position t are scored against token
+t + 1; `loss_mask[t] = 1` exactly where `labels[t]` is a completion token.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float] | None = None
+    """log mu(a) of each completion token under the sampling engine."""
+
+
+class RolloutSource(Protocol):
+    """Produces the rollouts of a training step, deterministically resumable."""
+
+    def take(self, n: int) -> list[Rollout]:
+        """The next n rollouts (the same n on every rank: ranks slice their share)."""
+
+    @property
+    def consumed(self) -> int:
+        """Rollouts handed out so far (saved in checkpoints)."""
+
+    def seek(self, consumed: int) -> None:
+        """Resume after `consumed` rollouts."""
+
+
+class JsonlRolloutSource:
+    """Rollouts from a JSONL file: one `{"prompt_ids": [...], "completion_ids": [...],
+    "logprobs": [...]?}` per line, read in file order and cycled."""
+
+    def __init__(self, path: str | Path, vocab_size: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"rollout file {self.path} does not exist")
+        self.rollouts = [self._parse(i, line, vocab_size) for i, line in
+                         enumerate(self.path.read_text().splitlines()) if line.strip()]
+        if not self.rollouts:
+            raise ValueError(f"rollout file {self.path} has no rollouts")
+        self._consumed = 0
+
+    def _parse(self, i, line, vocab_size):
+        where = f"{self.path}:{i + 1}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not valid JSON ({exc})") from None
+        for key in ("prompt_ids", "completion_ids"):
+            if key not in rec:
+                raise ValueError(f"{where}: missing field {key!r}")
+        if not rec["prompt_ids"]:
+            raise ValueError(f"{where}: empty prompt_ids (a completion needs a context)")
+        ids = rec["prompt_ids"] + rec["completion_ids"]
+        if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
+            raise ValueError(f"{where}: token id outside the vocabulary [0, {vocab_size})")
+        lp = rec.get("logprobs")
+        if lp is not None and len(lp) != len(rec["completion_ids"]):
+            raise ValueError(f"{where}: {len(lp)} logprobs for {len(rec['completion_ids'])} completion tokens")
+        return Rollout(rec["prompt_ids"], rec["completion_ids"], lp)
+
+    def take(self, n):
+        out = [self.rollouts[(self._consumed + i) % len(self.rollouts)] for i in range(n)]
+        self._consumed += n
+        return out
+
+    @property
+    def consumed(self):
+        return self._consumed
+
+    def seek(self, consumed):
+        self._consumed = consumed
+
+
+def collate(rollouts: list[Rollout], seq_length: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Microbatch tensors, each `[b, seq_length]`.
+
+    tokens, labels (long); position_ids (long); loss_mask (float, completion
+    tokens of labels); behavior_logprobs (float, aligned with labels; 0 where
+    unknown) and has_logprobs (bool, all rollouts carried them).
+    """
+    b = len(rollouts)
+    seq = torch.full((b, seq_length + 1), pad_id, dtype=torch.long)
+    mask = torch.zeros(b, seq_length)
+    logprobs = torch.zeros(b, seq_length)
+    for i, r in enumerate(rollouts):
+        ids = (r.prompt_ids + r.completion_ids)[: seq_length + 1]  # over-long: truncated
+        seq[i, : len(ids)] = torch.tensor(ids)
+        start = len(r.prompt_ids) - 1  # labels[start] is the first completion token
+        end = len(ids) - 1
+        if end > start:
+            mask[i, start:end] = 1.0
+            if r.logprobs is not None:
+                logprobs[i, start:end] = torch.tensor(r.logprobs[: end - start], dtype=torch.float32)
+    return {
+        "tokens": seq[:, :-1].contiguous(),
+        "labels": seq[:, 1:].contiguous(),
+        "position_ids": torch.arange(seq_length).expand(b, seq_length).contiguous(),
+        "loss_mask": mask,
+        "behavior_logprobs": logprobs,
+        "has_logprobs": torch.tensor(all(r.logprobs is not None for r in rollouts)),
+    }

@@ -1,0 +1,132 @@
+"""One optimizer step of on-policy distillation through Megatron's pipeline schedule.
+
+Forward: every microbatch runs through the `DistillationStage`s (teacher
+no-grad, student with grad); on the last pipeline stage the loss plugin turns
+both models' vocab-parallel logits into `(loss_sum, num_tokens, metrics)`.
+With `calculate_per_token_loss`, Megatron's `finalize_model_grads` divides the
+summed gradients by the batch's token count (summed over microbatches and
+data-parallel ranks): the global token mean, identical for any split.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from ..config.schema import RunConfig
+from ..loss import LossConfig, summarize_metrics
+from ..megatron.loss_adapter import make_loss_func
+from ..model.distill import p2p_shape_adjuster
+
+
+@dataclass
+class StepResult:
+    metrics: dict = field(default_factory=dict)  # summarize_metrics over the global batch
+    grad_norm: float = float("nan")
+    lr: float = float("nan")
+    num_tokens: int = 0
+    skipped: bool = False
+    seconds: dict = field(default_factory=dict)  # step, teacher_forward, student_forward, backward
+
+
+def causal_mask(seq_length: int, device) -> torch.Tensor:
+    """[1, 1, s, s] bool, True where attention is masked (Megatron's convention)."""
+    return torch.triu(torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool, device=device), 1)
+
+
+def _forward_step(loss_config: LossConfig, vocab_size: int, mask, data_iterator, model):
+    mb = next(data_iterator)
+    out = model(mb["tokens"], mb["position_ids"], mask)
+    if not isinstance(out, tuple):  # not the last pipeline stage
+        return out, None
+    student_logits, teacher_logits = out  # [b, s, V/tp] each
+    behavior = mb["behavior_logprobs"] if loss_config.rollout_correction else None
+    return student_logits, make_loss_func(
+        teacher_logits=teacher_logits, labels=mb["labels"], loss_mask=mb["loss_mask"],
+        config=loss_config, vocab_size=vocab_size, behavior_logprobs=behavior,
+    )
+
+
+def wire_megatron_hooks(models, run: RunConfig) -> None:
+    """Point the schedule's grad-sync hooks at the DDP-wrapped student chunks."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = models.stages[0].config
+    students = models.student
+    config.no_sync_func = students[0].no_sync
+    config.grad_sync_func = None  # no overlap: grads are reduced once, in finalize
+    # The schedule passes its own model list (the distillation stages); the
+    # gradients to finalize are the student's.
+    config.finalize_model_grads_func = lambda _model, *a, **kw: finalize_model_grads(students, *a, **kw)
+
+
+def forward_backward(models, microbatches: list[dict], run: RunConfig, loss_config: LossConfig,
+                     forward_only: bool = False) -> list[dict]:
+    """Megatron's schedule over this DP rank's microbatches; gradients end in the
+    student's DDP buffers, finalized (DP-reduced, divided by the global token
+    count). Returns the last stage's per-microbatch metrics ([] elsewhere)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in models.student:
+        chunk.zero_grad_buffer()
+    for stage in models.stages:
+        stage.teacher_forward_s = stage.student_forward_s = 0.0
+    device = microbatches[0]["tokens"].device
+    seq = run.model.seq_length
+    kwargs = {}
+    if run.parallel.pipeline_model_parallel_size > 1:
+        kwargs["adjust_tensor_shapes_fn"] = p2p_shape_adjuster(run.model.hidden_size, run.teacher.hidden_size)
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss_config, run.model.vocab_size, causal_mask(seq, device)),
+        data_iterator=iter(microbatches), model=models.stages, num_microbatches=len(microbatches),
+        seq_length=seq, micro_batch_size=run.train.micro_batch_size, forward_only=forward_only, **kwargs,
+    )
+
+
+def train_step(models, optimizer, scheduler, microbatches: list[dict], run: RunConfig,
+               loss_config: LossConfig) -> StepResult:
+    """Forward/backward over this DP rank's microbatches, then one optimizer step."""
+    t0 = time.perf_counter()
+    optimizer.zero_grad()
+    losses = forward_backward(models, microbatches, run, loss_config)
+    result = StepResult()
+    ok, grad_norm, _ = optimizer.step()
+    result.skipped = not ok
+    result.grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    scheduler.step(increment=1)
+    result.lr = optimizer.param_groups[0]["lr"]
+    result.metrics = _batch_metrics(losses)
+    result.num_tokens = int(round(result.metrics.pop("_tokens", 0)))
+    stage = models.stages[0]
+    total = time.perf_counter() - t0
+    result.seconds = {
+        "step": total, "teacher_forward": stage.teacher_forward_s, "student_forward": stage.student_forward_s,
+        "backward_and_optimizer": max(0.0, total - stage.teacher_forward_s - stage.student_forward_s),
+    }
+    return result
+
+
+def _batch_metrics(losses: list[dict]) -> dict:
+    """Metrics of the global batch, on every rank: summed over this stage's
+    microbatches and DP ranks on the last stage, then broadcast from there."""
+    from megatron.core import parallel_state
+
+    summary = None
+    if parallel_state.is_pipeline_last_stage():
+        summary = summarize_metrics(losses, group=parallel_state.get_data_parallel_group())
+        summary["_tokens"] = sum(float(m["loss"][1]) for m in losses)
+        tokens = torch.tensor(summary["_tokens"], dtype=torch.float64)
+        dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
+        summary["_tokens"] = float(tokens)
+    holder = [summary]
+    # Megatron orders ranks with pipeline stages slowest: the last global rank
+    # is on the last stage.
+    last = dist.get_world_size() - 1
+    if dist.get_rank() == last:
+        assert summary is not None, "the last global rank is not on the last pipeline stage"
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(holder, src=last)
+    return holder[0]
