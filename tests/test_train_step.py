@@ -172,3 +172,37 @@ def test_student_gradients_identical_across_layouts(gloo_pools, tmp_path, mode):
             err = float((got[name].double() - g.double()).abs().max()) / scale
             # fp32 model and statistics vs a float64 loss on the same fp32 logits.
             assert err < 2e-5, f"TP{tp} PP{pp} world {world}: {name} error {err:.2e}"
+
+
+def teacher_stays_frozen(tp, pp, use_distributed_optimizer):
+    """Two real optimizer steps; the teacher's tensors before and after, and its grads."""
+    from vopd_megatron.training.setup import build_optimizer
+    from vopd_megatron.training.step import train_step, wire_megatron_hooks
+
+    run = run_config(tp, pp)
+    run.parallel.use_distributed_optimizer = use_distributed_optimizer
+    models = _setup(run)
+    try:
+        optimizer, scheduler = build_optimizer(run, models.student)
+        wire_megatron_hooks(models, run)
+        before = {n: p.detach().clone() for n, p in models.teacher.named_parameters()}
+        student_before = {n: p.detach().clone() for n, p in _unwrap(models.student[0]).named_parameters()}
+        results = [train_step(models, optimizer, scheduler, my_microbatches(run, dist.get_world_size()), run,
+                              LossConfig(mode="vopd")) for _ in range(2)]
+        teacher_same = all(torch.equal(p, before[n]) for n, p in models.teacher.named_parameters())
+        teacher_grads = [n for n, p in models.teacher.named_parameters()
+                         if p.grad is not None or getattr(p, "main_grad", None) is not None or p.requires_grad]
+        student_moved = any(not torch.equal(p, student_before[n])
+                            for n, p in _unwrap(models.student[0]).named_parameters())
+        return teacher_same, teacher_grads, student_moved, [r.metrics["kl"] for r in results]
+    finally:
+        _teardown()
+
+
+@pytest.mark.parametrize("tp,pp,distopt", [(2, 1, False), (1, 2, True)])
+def test_teacher_is_bit_identical_and_gets_no_gradient(gloo_pools, tp, pp, distopt):
+    for same, grads, moved, kls in gloo_pools(2).run(teacher_stays_frozen, tp, pp, distopt):
+        assert same, "teacher parameters changed"
+        assert grads == [], f"teacher parameters with gradients / requires_grad: {grads[:3]}"
+        assert moved, "the student did not train (the check above would be vacuous)"
+        assert all(k == k and k > 0 for k in kls)

@@ -96,6 +96,9 @@ _ENTRY_SPECS = {
     "dry_run": _Spec(bool, False, False, "Resolve, validate and plan the run, then exit."),
     "gpu_memory_gb": _Spec(float, False, 80.0, "GPU memory per device for the memory plan."),
     "num_nodes": _Spec(int, True, None, "Number of nodes (for the launch plan)."),
+    "world_size": _Spec(int, True, None,
+                        "GPUs in the run, for --dry-run (default: $WORLD_SIZE, or --num-nodes x --gpus-per-node)."),
+    "gpus_per_node": _Spec(int, False, 8, "GPUs per node, for --dry-run with --num-nodes."),
 }
 
 

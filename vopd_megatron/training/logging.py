@@ -1,0 +1,78 @@
+"""TensorBoard scalars and the one-line progress report of each step.
+
+Rank 0 prints; the last global rank (on the last pipeline stage, where the
+loss lives) writes TensorBoard events. Both see the same numbers: the step's
+metrics are broadcast from the last stage by the training step.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def peak_memory_gb() -> float:
+    """Peak device memory of this process (GPU), or its peak RSS (CPU)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class StepLogger:
+    def __init__(self, tensorboard_dir: str | None, log_interval: int = 1, config_dict: dict | None = None):
+        self.log_interval = max(1, log_interval)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.printer = rank == 0
+        self.writer = None
+        if tensorboard_dir and rank == world - 1:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(tensorboard_dir, exist_ok=True)
+            self.writer = SummaryWriter(tensorboard_dir)
+            if config_dict:
+                text = "\n".join(f"    {k}: {v}" for k, v in sorted(config_dict.items()))
+                self.writer.add_text("config", text, 0)
+
+    def scalars(self, result) -> dict[str, float]:
+        m, sec = result.metrics, result.seconds
+        out = {
+            "loss": m.get("loss", float("nan")),
+            "kl": m.get("kl", float("nan")),
+            "log_ratio": m.get("log_ratio", float("nan")),
+            "advantage": m.get("advantage", float("nan")),
+            "baseline_explained_variance": m.get("baseline_explained_variance", float("nan")),
+            "grad_norm": result.grad_norm,
+            "lr": result.lr,
+            "tokens_per_s": result.num_tokens / max(sec.get("step", 0.0), 1e-9),
+            "time/step_s": sec.get("step", 0.0),
+            "time/teacher_forward_s": sec.get("teacher_forward", 0.0),
+            "time/student_forward_s": sec.get("student_forward", 0.0),
+            "time/backward_and_optimizer_s": sec.get("backward_and_optimizer", 0.0),
+            "memory/peak_gb": peak_memory_gb(),
+        }
+        for key in ("topk_kl", "rollout_weight", "ppo_clipped"):
+            if key in m:
+                out[key] = m[key]
+        return out
+
+    def log(self, iteration: int, result, extra: str = "") -> None:
+        scalars = self.scalars(result)
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, iteration)
+            self.writer.flush()
+        if self.printer and iteration % self.log_interval == 0:
+            print(
+                f"[vopd] iter {iteration:6d} | KL {scalars['kl']:.4f} | r {scalars['log_ratio']:+.4f} "
+                f"| baseline EV {scalars['baseline_explained_variance']:+.3f} | grad norm {scalars['grad_norm']:.3f} "
+                f"| lr {scalars['lr']:.2e} | {scalars['tokens_per_s']:.0f} tok/s "
+                f"| {scalars['time/step_s']:.2f} s{' | skipped' if result.skipped else ''}{extra}",
+                flush=True,
+            )
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,115 @@
+"""`vopd-train`: on-policy distillation of a Megatron student from a co-located teacher.
+
+Reads like the algorithm: set up (process groups, student + teacher on the
+same TP/PP grid, optimizer, checkpoint), then for each iteration take the
+global batch of rollouts, run one distillation step, log, and save. Works
+under `torchrun` (any TP x PP x DP) or as a plain single process.
+
+    vopd-train --config examples/tiny/config.yaml                  # 1 process, CPU
+    torchrun --nproc-per-node 2 -m vopd_megatron.training.train --config ... --tensor-model-parallel-size 2
+    vopd-train --config examples/llama3_70b/config.yaml --dry-run  # check a layout, no GPU
+"""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..config import parse_config
+from ..config.args import to_flat_dict
+from .data import JsonlRolloutSource, collate
+
+
+def init_distributed() -> int:
+    """Default process group from torchrun's environment (or a 1-process one)."""
+    from ..megatron import cpu_compat
+
+    cpu_compat.enable()  # no-op with CUDA
+    if "RANK" not in os.environ:  # plain `python`: a single rank
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=30))
+    return dist.get_world_size()
+
+
+def dp_microbatches(rollouts, run, device):
+    """This data-parallel rank's share of the global batch, as microbatch tensors."""
+    from megatron.core import parallel_state
+
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    per_rank = len(rollouts) // dp
+    mine = rollouts[rank * per_rank : (rank + 1) * per_rank]
+    mbs = run.train.micro_batch_size
+    batches = [collate(mine[i : i + mbs], run.model.seq_length) for i in range(0, per_rank, mbs)]
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+
+def dry_run(run, ns, world_size):
+    from ..model.dry_run import dry_run_report, format_report
+
+    report = dry_run_report(run, world_size, num_nodes=ns.num_nodes)
+    print(format_report(report, gpu_memory_gb=ns.gpu_memory_gb))
+
+
+def main(argv=None):
+    run, ns = parse_config(argv)
+    if ns.dry_run:  # no process group, no weights: validate and estimate
+        world = ns.world_size or (ns.num_nodes * ns.gpus_per_node if ns.num_nodes
+                                  else int(os.environ.get("WORLD_SIZE", 1)))
+        run.validate(world)
+        return dry_run(run, ns, world)
+    run.validate(int(os.environ.get("WORLD_SIZE", 1)))
+    if run.data.rollout_data is None:
+        raise SystemExit("error: --rollout-data is required (a JSONL of tokenized rollouts)")
+    source = JsonlRolloutSource(run.data.rollout_data, vocab_size=run.model.vocab_size)
+
+    from .checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+    from .logging import StepLogger
+    from .setup import build_models, build_optimizer, initialize_parallel
+    from .step import train_step, wire_megatron_hooks
+
+    world = init_distributed()
+    initialize_parallel(run)
+    models = build_models(run)
+    optimizer, scheduler = build_optimizer(run, models.student)
+    wire_megatron_hooks(models, run)
+    ck = run.checkpoint
+    if ck.teacher_load:
+        load_model_weights(ck.teacher_load, [models.teacher])
+    elif dist.get_rank() == 0:
+        print("[vopd] warning: no --teacher-load: the teacher keeps its random initialisation", flush=True)
+    state = load_checkpoint(ck.load, models.student, optimizer, scheduler) if ck.load else None
+    start = state["iteration"] if state else 0
+    source.seek(state["consumed_samples"] if state else 0)
+    logger = StepLogger(run.logging.tensorboard_dir, run.logging.log_interval, to_flat_dict(run))
+    if dist.get_rank() == 0:
+        print(f"[vopd] world {world}: TP {run.parallel.tensor_model_parallel_size} x "
+              f"PP {run.parallel.pipeline_model_parallel_size} x DP {run.data_parallel_size(world)}, "
+              f"{run.num_microbatches(world)} microbatches/step, loss {run.distill.vopd_loss}, "
+              f"iterations {start + 1}..{run.train.train_iters}", flush=True)
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    loss_config = run.distill.loss_config()
+    for iteration in range(start + 1, run.train.train_iters + 1):
+        rollouts = source.take(run.train.global_batch_size)  # identical on every rank
+        result = train_step(models, optimizer, scheduler, dp_microbatches(rollouts, run, device), run, loss_config)
+        logger.log(iteration, result)
+        last = iteration == run.train.train_iters
+        if ck.save and ((ck.save_interval and iteration % ck.save_interval == 0) or last):
+            save_checkpoint(ck.save, iteration, models.student, optimizer, scheduler,
+                            {"iteration": iteration, "consumed_samples": source.consumed})
+    logger.close()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
