@@ -12,6 +12,11 @@ case "$nproc" in
   *) echo "usage: $0 [1|2|4] [flags...]" >&2; exit 2 ;;
 esac
 out=runs/tiny/np$nproc
+teacher=${TEACHER:-runs/tiny/teacher}
+if [ ! -f "$teacher/latest_checkpointed_iteration.txt" ]; then
+  # No trained teacher yet: a fixed random one, the same on every layout.
+  "$py" tools/init_checkpoint.py --config examples/tiny/config.yaml --which teacher --out "$teacher"
+fi
 exec "$py" -m torch.distributed.run --nproc-per-node "$nproc" -m vopd_megatron.training.train \
   --config examples/tiny/config.yaml "${layout[@]}" \
-  --save "$out/checkpoints" --tensorboard-dir "$out/tensorboard" "$@"
+  --teacher-load "$teacher" --save "$out/checkpoints" --tensorboard-dir "$out/tensorboard" "$@"

@@ -38,6 +38,9 @@ class ModelArgs:
     """"rope", "learned_absolute" or "none"."""
     rotary_base: int = 10000
     rotary_percent: float = 1.0
+    use_rope_scaling: bool = False
+    """Llama-3.1-style RoPE frequency scaling."""
+    rope_scaling_factor: float = 8.0
     normalization: str = "LayerNorm"
     """"LayerNorm" or "RMSNorm"."""
     norm_epsilon: float = 1e-5
@@ -199,6 +202,8 @@ class RunConfig:
             raise ConfigError(f"unknown --lr-decay-style {t.lr_decay_style!r}")
         if p.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if p.sequence_parallel and self.model.seq_length % tp:
+            raise ConfigError(f"--sequence-parallel needs --seq-length {self.model.seq_length} divisible by TP {tp}")
         return self
 
 

@@ -53,6 +53,8 @@ def transformer_config(m: ModelArgs, p: ParallelArgs, t: TrainArgs):
         # A stage's p2p tensors carry both models' activations (distill.py);
         # Megatron's batched isend/irecv misbehaves over gloo (MEGATRON_ON_CPU trap 2).
         batch_p2p_comm=torch.cuda.is_available(),
+        # Free each sent stage output's data right after the send (Megatron-LM's setting).
+        deallocate_pipeline_outputs=True,
     )
 
 
@@ -67,7 +69,7 @@ def layer_spec(m: ModelArgs, use_te: bool | None = None):
 
 
 def build_gpt_stage(m: ModelArgs, p: ParallelArgs, t: TrainArgs, pre_process: bool, post_process: bool,
-                    config=None, use_te: bool | None = None):
+                    config=None, use_te: bool | None = None, pg_collection=None):
     """The GPTModel layers of this rank's pipeline stage (Megatron's global state
     decides which layers that is), with a padded vocab-parallel output layer."""
     from megatron.core.models.gpt import GPTModel
@@ -84,4 +86,7 @@ def build_gpt_stage(m: ModelArgs, p: ParallelArgs, t: TrainArgs, pre_process: bo
         position_embedding_type=m.position_embedding_type,
         rotary_percent=m.rotary_percent,
         rotary_base=m.rotary_base,
+        rope_scaling=m.use_rope_scaling,
+        rope_scaling_factor=m.rope_scaling_factor,
+        **({"pg_collection": pg_collection} if pg_collection is not None else {}),
     )

@@ -1,0 +1,192 @@
+"""`vopd-train --dry-run` (model.dry_run): meta-device counts against real builds, the 70B recipe.
+
+- The dry run's per-stage parameter counts for a tiny student/teacher pair
+  equal those of the models `build_gpt_stage` really builds in gloo ranks
+  (TP rank 0 of each stage) at TP1, TP2, PP2 and TP2xPP2, and so does the
+  analytical formula. Between them the pair covers both sides of
+  LayerNorm/RMSNorm, biases/none, tied/untied embeddings, learned/rotary
+  positions, MHA/GQA, GeLU/SwiGLU, QK layernorm, a padded vocabulary.
+- `vopd-train --config examples/llama3_70b/config.yaml --dry-run` (70B
+  student, 405B teacher) prints a row per pipeline stage in well under a
+  minute, and the totals equal the published shapes' parameter counts plus
+  the vocabulary padding.
+- Invalid layouts raise ConfigError before anything is built.
+- The per-layer activation formula reduces to Korthikanti et al.'s for their
+  GPT shape.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vopd_megatron.config import parse_config
+from vopd_megatron.config.schema import ConfigError, ModelArgs, ParallelArgs, RunConfig, TrainArgs
+from vopd_megatron.model import dry_run
+from vopd_megatron.model.dry_run import dry_run_report, format_report, layer_activation_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = "examples/llama3_70b/config.yaml"  # its teacher-model-config path is relative to the repo root
+
+STUDENT = dict(  # LayerNorm, biases, tied embeddings, learned positions, MHA, GeLU, QK layernorm
+    num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=250, seq_length=32,
+    position_embedding_type="learned_absolute", qk_layernorm=True,
+)
+TEACHER = dict(  # RMSNorm, no biases, untied, RoPE, GQA, SwiGLU
+    num_layers=4, hidden_size=96, num_attention_heads=4, num_query_groups=2, vocab_size=250, seq_length=32,
+    normalization="RMSNorm", swiglu=True, disable_bias_linear=True, untie_embeddings_and_output_weights=True,
+)
+
+
+def _tiny_config(tp: int, pp: int) -> RunConfig:
+    return RunConfig(
+        model=ModelArgs(**STUDENT), teacher=ModelArgs(**TEACHER),
+        parallel=ParallelArgs(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        train=TrainArgs(micro_batch_size=1, global_batch_size=8),
+    )
+
+
+# --- case run in every gloo rank (module-level so spawned ranks can import it) ---------------
+
+
+def case_built_counts(tp: int, pp: int):
+    """(tp rank, pp rank, student params, teacher params) of this rank's real stage."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from vopd_megatron.model.builder import build_gpt_stage
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    try:
+        model_parallel_cuda_manual_seed(1234)
+        config = _tiny_config(tp, pp)
+        first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        counts = [
+            sum(w.numel() for w in build_gpt_stage(m, config.parallel, config.train, first, last).parameters())
+            for m in (config.model, config.teacher)
+        ]
+        return (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), *counts)
+    finally:
+        ps.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_counts_equal_real_builds(gloo_pools, tp, pp):
+    world = 4  # one pool for every layout: the rest is data parallelism
+    built = {pp_rank: (s, t) for tp_rank, pp_rank, s, t in gloo_pools(world).run(case_built_counts, tp, pp)
+             if tp_rank == 0}
+    report = dry_run_report(_tiny_config(tp, pp), world)
+    assert len(report.stages) == pp
+    for stage in report.stages:
+        assert (stage.student_params, stage.teacher_params) == built[stage.stage]
+        assert (stage.student_params_formula, stage.teacher_params_formula) == built[stage.stage]
+    assert report.formula_matches
+    # Whole-model totals do not depend on the layout (the tied output copy of PP > 1 is not
+    # counted twice); on one stage they are that stage's parameters.
+    one = dry_run_report(_tiny_config(1, 1), world).stages[0]
+    assert (report.student_total_params, report.teacher_total_params) == (one.student_params, one.teacher_params)
+
+
+# --- the 70B recipe -----------------------------------------------------------------------
+
+
+def _llama_params(m: ModelArgs, vocab: int) -> int:
+    """Parameter count of a Llama checkpoint (untied, no biases, RMSNorm), written out independently."""
+    h, kv = m.hidden_size, m.num_query_groups * m.hidden_size // m.num_attention_heads
+    attention = h * h + 2 * h * kv + h * h  # q, k, v, o
+    layer = attention + 3 * h * m.ffn_hidden_size + 2 * h  # gate, up, down; two norms
+    return m.num_layers * layer + 2 * vocab * h + h  # embeddings, output layer, final norm
+
+
+def _table_rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.split() and line.split()[0].isdigit()]
+
+
+def test_vopd_train_dry_run_on_llama3_70b_recipe(monkeypatch, capsys):
+    from vopd_megatron.training.train import main
+
+    monkeypatch.chdir(REPO)
+    start = time.perf_counter()
+    main(["--config", RECIPE, "--dry-run"])
+    elapsed = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert elapsed < 60, f"dry run took {elapsed:.1f}s"
+    config, ns = parse_config(["--config", RECIPE])
+    assert len(_table_rows(out)) == config.parallel.pipeline_model_parallel_size
+    assert "formula matches" in out and ": fits" in out  # the recipe targets 140 GiB GPUs
+
+
+def test_llama3_70b_recipe_totals(monkeypatch):
+    monkeypatch.chdir(REPO)
+    config, ns = parse_config(["--config", RECIPE])
+    p = config.parallel
+    world = ns.num_nodes * ns.gpus_per_node
+    report = dry_run_report(config, world, num_nodes=ns.num_nodes)
+    assert not torch.distributed.is_initialized()  # its one-rank build group is gone
+
+    assert [s.stage for s in report.stages] == list(range(p.pipeline_model_parallel_size))
+    assert report.dp == world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    assert report.formula_matches and not report.notes  # TP 8 stays inside an 8-GPU node
+    assert all(s.activations > 0 for s in report.stages)
+    assert report.stages[-1].logits > 0 and report.stages[0].logits == 0
+    # The layout the recipe writes for H200s does not fit an H100 (README.md).
+    assert report.fits(ns.gpu_memory_gb) and not report.fits(80)
+
+    tp = p.tensor_model_parallel_size
+    for m, total in ((config.model, report.student_total_params), (config.teacher, report.teacher_total_params)):
+        padding = 2 * (m.padded_vocab_size(tp) - m.vocab_size) * m.hidden_size  # embedding + output rows
+        assert total == _llama_params(m, m.vocab_size) + padding
+    assert abs(report.student_total_params / 70.6e9 - 1) < 0.01  # "Llama-3-70B"
+    assert abs(report.teacher_total_params / 405.9e9 - 1) < 0.01  # "Llama-3.1-405B"
+
+
+# --- validation happens first -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tp, pp, world, flag", [
+    (3, 1, 3, "--num-attention-heads"),  # TP 3 does not divide 4 heads
+    (1, 3, 3, "--pipeline-model-parallel-size"),  # PP 3 > 2 student layers
+])
+def test_invalid_layout_raises_before_building(monkeypatch, tp, pp, world, flag):
+    def no_build(*args):
+        raise AssertionError("built a model for an invalid config")
+
+    monkeypatch.setattr(dry_run, "_meta_counts", no_build)
+    with pytest.raises(ConfigError, match=flag):
+        dry_run_report(_tiny_config(tp, pp), world)
+
+
+def test_num_nodes_must_divide_world_size():
+    with pytest.raises(ConfigError, match="--num-nodes"):
+        dry_run_report(_tiny_config(1, 1), 8, num_nodes=3)
+
+
+# --- memory formulas ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tp, sequence_parallel", [(1, False), (2, False), (8, False), (2, True), (8, True)])
+def test_layer_activations_reduce_to_korthikanti(tp, sequence_parallel):
+    """MHA, 4h GeLU MLP, dropout, unfused attention, 16-bit: their Table 2 formulas."""
+    s, b, h, a = 2048, 3, 1024, 16
+    m = ModelArgs(hidden_size=h, num_attention_heads=a, hidden_dropout=0.1, attention_dropout=0.1)
+    got = layer_activation_bytes(m, s, b, tp, sequence_parallel, elem_bytes=2, flash_attention=False)
+    if sequence_parallel:
+        expected = s * b * h * (34 + 5 * a * s / h) / tp
+    else:
+        expected = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_distributed_optimizer_shards_only_optimizer_state():
+    config = _tiny_config(1, 2)
+    plain = dry_run_report(config, 8)
+    config.parallel.use_distributed_optimizer = True
+    sharded = dry_run_report(config, 8)
+    for a, b in zip(plain.stages, sharded.stages):
+        assert b.optimizer == pytest.approx(a.optimizer / plain.dp)
+        assert (b.weights, b.grads, b.activations, b.logits) == (a.weights, a.grads, a.activations, a.logits)
+    # 1F1B: the first stage holds more microbatches in flight than the last.
+    per_layer = [s.activations / s.student_layers for s in plain.stages]
+    assert plain.num_microbatches >= 2 and per_layer[0] > per_layer[-1]
