@@ -47,19 +47,15 @@ def make_inputs(seed, shape, vocab, scale=3.0, distance=1.0, extreme=False):
     return z, u, targets, mask
 
 
-_GROUPS = {}
-
-
 def tp_group(tp):
-    """This rank's tensor-parallel group of size tp (groups made once per worker)."""
-    if tp not in _GROUPS:
-        mine = None
-        for start in range(0, dist.get_world_size(), tp):
-            g = dist.new_group(list(range(start, start + tp)))
-            if start <= dist.get_rank() < start + tp:
-                mine = g
-        _GROUPS[tp] = mine
-    return _GROUPS[tp]
+    """This rank's tensor-parallel group of size tp. Every rank makes every
+    group (new_group is collective); the pool destroys them after the case."""
+    mine = None
+    for start in range(0, dist.get_world_size(), tp):
+        g = dist.new_group(list(range(start, start + tp)))
+        if start <= dist.get_rank() < start + tp:
+            mine = g
+    return mine
 
 
 def shard(full, tp, rank, vocab_padded, fill=0.0):

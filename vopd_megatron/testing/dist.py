@@ -57,11 +57,29 @@ def _worker(rank, world_size, port, tasks, results, collective_timeout_s):
         if task is None:
             break
         fn, args, kwargs = task
+        groups_before = _process_groups()
         try:
             results.put((rank, True, fn(*args, **kwargs)))
         except BaseException:  # report everything, keep serving
             results.put((rank, False, traceback.format_exc()))
+        _destroy_new_groups(groups_before)
     dist.destroy_process_group()
+
+
+def _process_groups() -> set:
+    from torch.distributed import distributed_c10d as c10d
+
+    return set(getattr(getattr(c10d, "_world", None), "pg_map", {}) or {})
+
+
+def _destroy_new_groups(before: set) -> None:
+    """Destroy the process groups a case created (Megatron's
+    initialize_model_parallel makes dozens per call and destroy_model_parallel
+    only drops its references): each gloo group owns threads, and hundreds of
+    cases would otherwise leave thousands of them behind in one worker."""
+    for group in _process_groups() - before:
+        if group is not dist.group.WORLD:
+            dist.destroy_process_group(group)
 
 
 class GlooPool:
