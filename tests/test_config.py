@@ -12,6 +12,7 @@ from vopd_megatron.config import (
 # A config that validates at world size 4 (TP 2 x DP 2); each error case changes one thing.
 VALID = ["--vocab-size", "1000", "--num-layers", "4", "--num-attention-heads", "4",
          "--tensor-model-parallel-size", "2", "--micro-batch-size", "1", "--global-batch-size", "8"]
+PP2 = ["--pipeline-model-parallel-size", "2"]  # with VALID at world size 4: TP 2 x PP 2
 
 
 def write_yaml(tmp_path, name, data):
@@ -191,6 +192,23 @@ def test_base_config_validates():
     (["--vopd-loss", "vopd_topk"], None, 4, "--vopd-loss vopd_topk needs --vopd-top-k"),
     (["--global-batch-size", "6", "--micro-batch-size", "2"], None, 4,
      "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
+    # Pipeline stages: Megatron-Core's rule for uneven first/last stages.
+    (PP2, {"num-layers": 5}, 4, "teacher: --num-layers 5 is not divisible by PP 2; set "
+     "--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers for an uneven split"),
+    (PP2, {"num-layers": 5, "decoder-first-pipeline-num-layers": 2, "decoder-last-pipeline-num-layers": 2}, 4,
+     "teacher: --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers (2 + 2) must add up "
+     "to --num-layers 5 at PP 2"),
+    (PP2, {"num-layers": 5, "decoder-first-pipeline-num-layers": 5}, 4,
+     "leaves 0 layers for the other 1 pipeline stage(s): they must split evenly, at least one layer each"),
+    (PP2, {"num-layers": 5, "decoder-last-pipeline-num-layers": 0}, 4,
+     "teacher: --decoder-last-pipeline-num-layers 0 must be >= 1"),
+    (["--pipeline-model-parallel-size", "4", "--num-layers", "8", "--decoder-first-pipeline-num-layers", "2",
+      "--decoder-last-pipeline-num-layers", "1"], None, 8,
+     "student: --num-layers 8 minus --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers "
+     "(2, 1) leaves 5 layers for the other 2 pipeline stage(s)"),
+    ([], {"num-layers": 5, "decoder-first-pipeline-num-layers": 2}, 4,
+     "teacher: --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers need "
+     "--pipeline-model-parallel-size > 1"),
 ])
 def test_validate_errors(tmp_path, extra, teacher, world, message):
     argv = VALID + extra
@@ -200,6 +218,23 @@ def test_validate_errors(tmp_path, extra, teacher, world, message):
     with pytest.raises(ConfigError) as exc:
         cfg.validate(world)
     assert message in str(exc.value)
+
+
+@pytest.mark.parametrize("teacher, teacher_stages", [
+    ({"num-layers": 6}, [1, 2, 2, 1]),  # inherits the student's first/last stage sizes
+    ({"num-layers": 8, "decoder-first-pipeline-num-layers": None, "decoder-last-pipeline-num-layers": None},
+     [2, 2, 2, 2]),  # null: an even split
+    ({"num-layers": 7, "decoder-last-pipeline-num-layers": None}, [1, 2, 2, 2]),
+])
+def test_uneven_pipeline_stages(tmp_path, teacher, teacher_stages):
+    argv = VALID + ["--pipeline-model-parallel-size", "4", "--decoder-first-pipeline-num-layers", "1",
+                    "--decoder-last-pipeline-num-layers", "1", "--teacher-model-config",
+                    str(write_yaml(tmp_path, "teacher.yaml", teacher))]
+    cfg, _ = parse_config(argv)
+    cfg.validate(8)
+    assert (cfg.model.decoder_first_pipeline_num_layers, cfg.model.decoder_last_pipeline_num_layers) == (1, 1)
+    assert cfg.model.pipeline_stage_layers(4) == [1, 1, 1, 1]
+    assert cfg.teacher.pipeline_stage_layers(4) == teacher_stages
 
 
 def test_top_k_fixes_topk_mode():

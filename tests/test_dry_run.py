@@ -2,20 +2,23 @@
 
 - The dry run's per-stage parameter counts for a tiny student/teacher pair
   equal those of the models `build_gpt_stage` really builds in gloo ranks
-  (TP rank 0 of each stage) at TP1, TP2, PP2 and TP2xPP2, and so does the
-  analytical formula. Between them the pair covers both sides of
+  (TP rank 0 of each stage) at TP1, TP2, PP2 and TP2xPP2, also with the
+  teacher's stages uneven (5 layers as 2 + 3), and so does the analytical
+  formula. Between them the pair covers both sides of
   LayerNorm/RMSNorm, biases/none, tied/untied embeddings, learned/rotary
   positions, MHA/GQA, GeLU/SwiGLU, QK layernorm, a padded vocabulary.
 - `vopd-train --config examples/llama3_70b/config.yaml --dry-run` (70B
   student, 405B teacher) prints a row per pipeline stage in well under a
   minute, and the totals equal the published shapes' parameter counts plus
-  the vocabulary padding.
+  the vocabulary padding. The recipe's TP8 x PP4 layout, teacher stages
+  31/32/32/31, fits an 80 GiB H100; the even PP2 layout does not.
 - Invalid layouts raise ConfigError before anything is built.
 - The per-layer activation formula reduces to Korthikanti et al.'s for their
   GPT shape.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -40,9 +43,13 @@ TEACHER = dict(  # RMSNorm, no biases, untied, RoPE, GQA, SwiGLU
 )
 
 
-def _tiny_config(tp: int, pp: int) -> RunConfig:
+#: The teacher with uneven pipeline stages: 5 layers, 2 on the first stage (3 on the last at PP2).
+UNEVEN_TEACHER = dict(num_layers=5, decoder_first_pipeline_num_layers=2)
+
+
+def _tiny_config(tp: int, pp: int, teacher_overrides: dict | None = None) -> RunConfig:
     return RunConfig(
-        model=ModelArgs(**STUDENT), teacher=ModelArgs(**TEACHER),
+        model=ModelArgs(**STUDENT), teacher=ModelArgs(**{**TEACHER, **(teacher_overrides or {})}),
         parallel=ParallelArgs(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
         train=TrainArgs(micro_batch_size=1, global_batch_size=8),
     )
@@ -51,7 +58,7 @@ def _tiny_config(tp: int, pp: int) -> RunConfig:
 # --- case run in every gloo rank (module-level so spawned ranks can import it) ---------------
 
 
-def case_built_counts(tp: int, pp: int):
+def case_built_counts(tp: int, pp: int, teacher_overrides: dict | None = None):
     """(tp rank, pp rank, student params, teacher params) of this rank's real stage."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -61,7 +68,7 @@ def case_built_counts(tp: int, pp: int):
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     try:
         model_parallel_cuda_manual_seed(1234)
-        config = _tiny_config(tp, pp)
+        config = _tiny_config(tp, pp, teacher_overrides)
         first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
         counts = [
             sum(w.numel() for w in build_gpt_stage(m, config.parallel, config.train, first, last).parameters())
@@ -72,20 +79,25 @@ def case_built_counts(tp: int, pp: int):
         ps.destroy_model_parallel()
 
 
-@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_counts_equal_real_builds(gloo_pools, tp, pp):
+@pytest.mark.parametrize("tp, pp, teacher_overrides", [
+    (1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 2, UNEVEN_TEACHER), (2, 2, UNEVEN_TEACHER),
+])
+def test_counts_equal_real_builds(gloo_pools, tp, pp, teacher_overrides):
     world = 4  # one pool for every layout: the rest is data parallelism
-    built = {pp_rank: (s, t) for tp_rank, pp_rank, s, t in gloo_pools(world).run(case_built_counts, tp, pp)
-             if tp_rank == 0}
-    report = dry_run_report(_tiny_config(tp, pp), world)
+    built = {pp_rank: (s, t) for tp_rank, pp_rank, s, t
+             in gloo_pools(world).run(case_built_counts, tp, pp, teacher_overrides) if tp_rank == 0}
+    config = _tiny_config(tp, pp, teacher_overrides)
+    report = dry_run_report(config, world)
     assert len(report.stages) == pp
+    assert [s.teacher_layers for s in report.stages] == config.teacher.pipeline_stage_layers(pp)
     for stage in report.stages:
         assert (stage.student_params, stage.teacher_params) == built[stage.stage]
         assert (stage.student_params_formula, stage.teacher_params_formula) == built[stage.stage]
     assert report.formula_matches
     # Whole-model totals do not depend on the layout (the tied output copy of PP > 1 is not
     # counted twice); on one stage they are that stage's parameters.
-    one = dry_run_report(_tiny_config(1, 1), world).stages[0]
+    even = {k: v for k, v in (teacher_overrides or {}).items() if not k.startswith("decoder_")}
+    one = dry_run_report(_tiny_config(1, 1, even), world).stages[0]
     assert (report.student_total_params, report.teacher_total_params) == (one.student_params, one.teacher_params)
 
 
@@ -115,7 +127,7 @@ def test_vopd_train_dry_run_on_llama3_70b_recipe(monkeypatch, capsys):
     assert elapsed < 60, f"dry run took {elapsed:.1f}s"
     config, ns = parse_config(["--config", RECIPE])
     assert len(_table_rows(out)) == config.parallel.pipeline_model_parallel_size
-    assert "formula matches" in out and ": fits" in out  # the recipe targets 140 GiB GPUs
+    assert "formula matches" in out and ": fits" in out  # the recipe targets 80 GiB H100s
 
 
 def test_llama3_70b_recipe_totals(monkeypatch):
@@ -131,8 +143,15 @@ def test_llama3_70b_recipe_totals(monkeypatch):
     assert report.formula_matches and not report.notes  # TP 8 stays inside an 8-GPU node
     assert all(s.activations > 0 for s in report.stages)
     assert report.stages[-1].logits > 0 and report.stages[0].logits == 0
-    # The layout the recipe writes for H200s does not fit an H100 (README.md).
-    assert report.fits(ns.gpu_memory_gb) and not report.fits(80)
+    # H100s: TP8 x PP4, student 20 layers a stage, teacher 31/32/32/31 (README.md).
+    assert ns.gpu_memory_gb == 80 and report.fits(80)
+    assert [s.student_layers for s in report.stages] == [20] * 4
+    assert [s.teacher_layers for s in report.stages] == [31, 32, 32, 31]
+    # The even PP2 layout (the largest PP that splits both 80 and 126 evenly) does not fit one.
+    pp2 = dataclasses.replace(config, parallel=dataclasses.replace(p, pipeline_model_parallel_size=2),
+                              teacher=dataclasses.replace(config.teacher, decoder_first_pipeline_num_layers=None,
+                                                          decoder_last_pipeline_num_layers=None))
+    assert not dry_run_report(pp2, world, num_nodes=ns.num_nodes).fits(80)
 
     tp = p.tensor_model_parallel_size
     for m, total in ((config.model, report.student_total_params), (config.teacher, report.teacher_total_params)):
@@ -145,17 +164,41 @@ def test_llama3_70b_recipe_totals(monkeypatch):
 # --- validation happens first -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tp, pp, world, flag", [
-    (3, 1, 3, "--num-attention-heads"),  # TP 3 does not divide 4 heads
-    (1, 3, 3, "--pipeline-model-parallel-size"),  # PP 3 > 2 student layers
+@pytest.mark.parametrize("tp, pp, world, teacher_overrides, flag", [
+    (3, 1, 3, None, "--num-attention-heads"),  # TP 3 does not divide 4 heads
+    (1, 3, 3, None, "--pipeline-model-parallel-size"),  # PP 3 > 2 student layers
+    (1, 2, 2, dict(num_layers=5), "teacher: --num-layers 5 is not divisible by PP 2"),
+    (1, 2, 2, dict(num_layers=5, decoder_first_pipeline_num_layers=5), "--decoder-first-pipeline-num-layers"),
+    (1, 1, 1, UNEVEN_TEACHER, "need --pipeline-model-parallel-size > 1"),  # no stages to split
 ])
-def test_invalid_layout_raises_before_building(monkeypatch, tp, pp, world, flag):
+def test_invalid_layout_raises_before_building(monkeypatch, tp, pp, world, teacher_overrides, flag):
     def no_build(*args):
         raise AssertionError("built a model for an invalid config")
 
     monkeypatch.setattr(dry_run, "_meta_counts", no_build)
     with pytest.raises(ConfigError, match=flag):
-        dry_run_report(_tiny_config(tp, pp), world)
+        dry_run_report(_tiny_config(tp, pp, teacher_overrides), world)
+
+
+def _split(num_layers, first=None, last=None) -> dict:
+    return dict(num_layers=num_layers, decoder_first_pipeline_num_layers=first, decoder_last_pipeline_num_layers=last)
+
+
+@pytest.mark.parametrize("pp, student, teacher", [  # stages: student | teacher
+    (3, _split(4, last=2), _split(5, first=1)),  # 1 1 2 | 1 2 2
+    (4, _split(4), _split(8, first=1, last=1)),  # 1 1 1 1 | 1 3 3 1
+    (4, _split(6, first=3), _split(7, last=1)),  # 3 1 1 1 | 2 2 2 1
+])
+def test_uneven_stages_meta_build_matches_formula(pp, student, teacher):
+    """Deeper pipelines than the gloo pool holds: Megatron's meta build (its own layer
+    assignment) against the formula (ModelArgs.pipeline_stage_layers), stage by stage."""
+    config = _tiny_config(1, pp, teacher)
+    config.model = ModelArgs(**{**STUDENT, **student})
+    report = dry_run_report(config, pp)
+    assert report.formula_matches
+    assert [s.student_layers for s in report.stages] == config.model.pipeline_stage_layers(pp)
+    assert [s.teacher_layers for s in report.stages] == config.teacher.pipeline_stage_layers(pp)
+    assert sum(s.teacher_layers for s in report.stages) == config.teacher.num_layers
 
 
 def test_num_nodes_must_divide_world_size():

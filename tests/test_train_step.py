@@ -21,11 +21,14 @@ from vopd_megatron.training.data import Rollout, collate
 VOCAB, SEQ, GLOBAL_BATCH = 250, 16, 4
 
 
-def run_config(tp=1, pp=1, bf16=False):
+def run_config(tp=1, pp=1, bf16=False, teacher_layers=4, teacher_first_stage=None):
+    """Tiny student; a deeper, wider teacher (optionally with `teacher_first_stage`
+    layers on the first pipeline stage and the rest on the others)."""
     student = ModelArgs(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=VOCAB,
                         seq_length=SEQ, untie_embeddings_and_output_weights=True)
-    teacher = ModelArgs(num_layers=4, hidden_size=96, num_attention_heads=4, ffn_hidden_size=320,
-                        vocab_size=VOCAB, seq_length=SEQ, untie_embeddings_and_output_weights=True)
+    teacher = ModelArgs(num_layers=teacher_layers, hidden_size=96, num_attention_heads=4, ffn_hidden_size=320,
+                        vocab_size=VOCAB, seq_length=SEQ, untie_embeddings_and_output_weights=True,
+                        decoder_first_pipeline_num_layers=teacher_first_stage if pp > 1 else None)
     return RunConfig(model=student, teacher=teacher,
                      parallel=ParallelArgs(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
                      train=TrainArgs(micro_batch_size=1, global_batch_size=GLOBAL_BATCH, bf16=bf16, lr=1e-3))
@@ -70,11 +73,11 @@ def _teardown():
     parallel_state.destroy_model_parallel()
 
 
-def make_initial_weights(student_dir, teacher_dir):
+def make_initial_weights(student_dir, teacher_dir, **teacher):
     """TP1·PP1: save the student's and the teacher's initial weights."""
     from megatron.core import dist_checkpointing
 
-    run = run_config()
+    run = run_config(**teacher)
     models = _setup(run)
     try:
         dist_checkpointing.save(_unwrap(models.student[0]).sharded_state_dict(), student_dir)
@@ -90,13 +93,13 @@ def _load(module, ckpt_dir):
     module.load_state_dict(dist_checkpointing.load(module.sharded_state_dict(), ckpt_dir))
 
 
-def layout_gradients(tp, pp, student_dir, teacher_dir, grad_dir, mode):
+def layout_gradients(tp, pp, student_dir, teacher_dir, grad_dir, mode, **teacher):
     """One layout: load the weights, run the schedule, save grads as weights."""
     from megatron.core import dist_checkpointing
 
     from vopd_megatron.training.step import forward_backward, wire_megatron_hooks
 
-    run = run_config(tp, pp)
+    run = run_config(tp, pp, **teacher)
     models = _setup(run)
     try:
         _load(models.student[0], student_dir)
@@ -124,11 +127,11 @@ def read_full(ckpt_dir):
         _teardown()
 
 
-def reference_gradients(student_dir, teacher_dir, mode):
+def reference_gradients(student_dir, teacher_dir, mode, **teacher):
     """Single process, plain autograd and the float64 reference loss over the whole batch."""
     from vopd_megatron.training.step import causal_mask
 
-    run = run_config()
+    run = run_config(**teacher)
     models = _setup(run)
     try:
         _load(models.student[0], student_dir)
@@ -154,24 +157,30 @@ LAYOUTS = [  # (world size, tp, pp): TP1·PP1·DP1, TP2, PP2, DP2, TP2·PP2
 ]
 
 
-@pytest.mark.parametrize("mode", ["vopd", "full_kl"])
-def test_student_gradients_identical_across_layouts(gloo_pools, tmp_path, mode):
+def check_layouts(gloo_pools, tmp_path, mode, layouts, **teacher):
+    """Every layout's finalized student gradient equals the single-process reference."""
     student_dir, teacher_dir = tmp_path / "student", tmp_path / "teacher"
     student_dir.mkdir(), teacher_dir.mkdir()
     one = gloo_pools(1)
-    one.run(make_initial_weights, str(student_dir), str(teacher_dir))
-    ref = one.run(reference_gradients, str(student_dir), str(teacher_dir), mode)[0]
+    one.run(make_initial_weights, str(student_dir), str(teacher_dir), **teacher)
+    ref = one.run(reference_gradients, str(student_dir), str(teacher_dir), mode, **teacher)[0]
     scale = max(float(g.abs().max()) for g in ref.values())
-    for world, tp, pp in LAYOUTS:
+    for world, tp, pp in layouts:
         grad_dir = tmp_path / f"grad_w{world}_tp{tp}_pp{pp}"
         grad_dir.mkdir()
-        gloo_pools(world).run(layout_gradients, tp, pp, str(student_dir), str(teacher_dir), str(grad_dir), mode)
+        gloo_pools(world).run(layout_gradients, tp, pp, str(student_dir), str(teacher_dir), str(grad_dir),
+                              mode, **teacher)
         got = one.run(read_full, str(grad_dir))[0]
         assert got.keys() == ref.keys()
         for name, g in ref.items():
             err = float((got[name].double() - g.double()).abs().max()) / scale
             # fp32 model and statistics vs a float64 loss on the same fp32 logits.
-            assert err < 2e-5, f"TP{tp} PP{pp} world {world}: {name} error {err:.2e}"
+            assert err < 2e-5, f"TP{tp} PP{pp} world {world} {teacher}: {name} error {err:.2e}"
+
+
+@pytest.mark.parametrize("mode", ["vopd", "full_kl"])
+def test_student_gradients_identical_across_layouts(gloo_pools, tmp_path, mode):
+    check_layouts(gloo_pools, tmp_path, mode, LAYOUTS)
 
 
 def teacher_stays_frozen(tp, pp, use_distributed_optimizer):

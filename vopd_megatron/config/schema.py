@@ -55,6 +55,13 @@ class ModelArgs:
     vocab_size: int | None = None
     """True vocabulary size (the tokenizer's); the output layer is padded."""
     make_vocab_size_divisible_by: int = 128
+    decoder_first_pipeline_num_layers: int | None = None
+    """Transformer layers on the first pipeline stage; None = an even share. The
+    teacher inherits the student's value unless its --teacher-model-config sets it
+    (null for an even split)."""
+    decoder_last_pipeline_num_layers: int | None = None
+    """Transformer layers on the last pipeline stage; None = an even share. The
+    layers left after the first and last stages split evenly over the middle stages."""
 
     @property
     def ffn_size(self) -> int:
@@ -72,6 +79,48 @@ class ModelArgs:
         """Megatron's padding: the next multiple of make_vocab_size_divisible_by * tp."""
         step = self.make_vocab_size_divisible_by * tp
         return int(math.ceil(self.vocab_size / step) * step)
+
+    def pipeline_stage_layers(self, pp: int) -> list[int]:
+        """Transformer layers on each of the `pp` pipeline stages, as Megatron-Core assigns them.
+
+        Megatron-Core 0.19 (`get_num_layers_to_build`, TransformerConfig's checks):
+        the first and last stages take --decoder-first/last-pipeline-num-layers
+        where set, the layers left split evenly over the other stages, and every
+        stage has at least one layer. Raises ConfigError, naming the flags, for a
+        split Megatron refuses, and for two it builds wrong: both flags at PP 1
+        (it builds the last-stage count), a first + last that leaves a middle
+        stage no layers (it builds none there).
+        """
+        n, first, last = self.num_layers, self.decoder_first_pipeline_num_layers, self.decoder_last_pipeline_num_layers
+        flags = "--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers"
+        if pp < 1:
+            raise ConfigError(f"--pipeline-model-parallel-size {pp} must be >= 1")
+        if pp > n:
+            raise ConfigError(f"--pipeline-model-parallel-size {pp} is larger than --num-layers {n}")
+        uneven = first is not None or last is not None
+        if uneven and pp == 1:
+            raise ConfigError(f"{flags} need --pipeline-model-parallel-size > 1")
+        for flag, k in (("--decoder-first-pipeline-num-layers", first), ("--decoder-last-pipeline-num-layers", last)):
+            if k is not None and k < 1:
+                raise ConfigError(f"{flag} {k} must be >= 1")
+        rest_stages = pp - (first is not None) - (last is not None)
+        rest_layers = n - (first or 0) - (last or 0)
+        if not uneven and n % pp:
+            raise ConfigError(f"--num-layers {n} is not divisible by PP {pp}; set {flags} for an uneven split")
+        if rest_stages == 0 and rest_layers != 0:
+            raise ConfigError(f"{flags} ({first} + {last}) must add up to --num-layers {n} at PP {pp}")
+        if rest_stages and (rest_layers < rest_stages or rest_layers % rest_stages):
+            raise ConfigError(
+                f"--num-layers {n} minus {flags} ({first}, {last}) leaves {rest_layers} layers for the other "
+                f"{rest_stages} pipeline stage(s): they must split evenly, at least one layer each"
+            )
+        share = rest_layers // rest_stages if rest_stages else 0
+        layers = [share] * pp
+        if first is not None:
+            layers[0] = first
+        if last is not None:
+            layers[-1] = last
+        return layers
 
 
 @dataclass
@@ -219,10 +268,10 @@ def _validate_model(who, m: ModelArgs, tp, pp):
         raise ConfigError(f"{who}: --num-query-groups {m.query_groups} is not divisible by TP {tp}")
     if m.num_attention_heads % m.query_groups:
         raise ConfigError(f"{who}: --num-attention-heads must be a multiple of --num-query-groups")
-    if pp > m.num_layers:
-        raise ConfigError(f"{who}: --pipeline-model-parallel-size {pp} is larger than --num-layers {m.num_layers}")
-    if m.num_layers % pp:
-        raise ConfigError(f"{who}: --num-layers {m.num_layers} is not divisible by PP {pp}")
+    try:
+        m.pipeline_stage_layers(pp)
+    except ConfigError as exc:
+        raise ConfigError(f"{who}: {exc}") from None
     if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"{who}: --hidden-size must be divisible by --num-attention-heads (or set --kv-channels)")
     if m.ffn_size % tp:

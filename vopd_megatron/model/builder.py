@@ -44,6 +44,9 @@ def transformer_config(m: ModelArgs, p: ParallelArgs, t: TrainArgs):
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        # Uneven stages (Megatron-LM's --decoder-first/last-pipeline-num-layers); each model has its own.
+        num_layers_in_first_pipeline_stage=m.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=m.decoder_last_pipeline_num_layers,
         sequence_parallel=p.sequence_parallel,
         bf16=t.bf16,
         params_dtype=dtype,

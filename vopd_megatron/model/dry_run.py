@@ -19,7 +19,8 @@ the teacher's parameters on that GPU, as built; e: 2 with --bf16 else 4):
 * optimizer   = k * P_s / (DP if --use-distributed-optimizer else 1)
                 k = 12 with --bf16 (fp32 master copy + Adam's two fp32 moments), else 8
 * activations = min(PP - p, M) * L_p * A_layer   1F1B keeps that many microbatches in flight
-                (M microbatches per DP rank, L_p student layers on the stage)
+                (M microbatches per DP rank, L_p student layers on the stage: an even
+                share, or --decoder-first/last-pipeline-num-layers, ModelArgs.pipeline_stage_layers)
                 + one teacher layer's A_layer (the teacher keeps nothing for backward)
                 + p2p (model.distill sends [s, b, h_s + h_t]): the teacher slice of each
                 kept received tensor, and the sent tensors, which Megatron keeps until
@@ -136,13 +137,14 @@ def dry_run_report(config: RunConfig, world_size: int, num_nodes: int | None = N
     with _quiet(), _process_group_for_build():
         # Without Megatron's pseudo-free, a stage keeps each sent tensor until its backward.
         keeps_sent = not transformer_config(config.model, p, t).deallocate_pipeline_outputs
+        s_layers, t_layers = config.model.pipeline_stage_layers(pp), config.teacher.pipeline_stage_layers(pp)
         for stage in range(pp):
             s_local, s_full = _meta_counts(config.model, config, stage)
             t_local, t_full = _meta_counts(config.teacher, config, stage)
             student_total, teacher_total = student_total + s_full, teacher_total + t_full
             mem = _stage_memory(config, stage, s_local, t_local, dp, micro, flash_attention, keeps_sent)
             stages.append(StageReport(
-                stage, config.model.num_layers // pp, config.teacher.num_layers // pp, s_local, t_local,
+                stage, s_layers[stage], t_layers[stage], s_local, t_local,
                 stage_param_count(config.model, tp, pp, stage), stage_param_count(config.teacher, tp, pp, stage),
                 **mem,
             ))
@@ -177,7 +179,7 @@ def layer_param_count(m: ModelArgs, tp: int) -> tuple[int, int]:
 def stage_param_count(m: ModelArgs, tp: int, pp: int, stage: int) -> int:
     """Parameters of tensor-parallel rank 0 of pipeline stage `stage`, as Megatron builds them."""
     split, replicated = layer_param_count(m, tp)
-    count = (m.num_layers // pp) * (split + replicated)
+    count = m.pipeline_stage_layers(pp)[stage] * (split + replicated)
     vocab_shard = m.padded_vocab_size(tp) // tp * m.hidden_size  # [V/tp, h]
     if stage == 0:
         count += vocab_shard
@@ -299,7 +301,8 @@ def _stage_memory(config: RunConfig, stage: int, p_s: int, p_t: int, dp: int, mi
     hidden = s * b / (tp if sp else 1)  # elements per hidden unit of a [s, b, h] tensor on one GPU
 
     in_flight = min(pp - stage, micro)  # 1F1B: warm-up depth of this stage
-    activations = in_flight * (ms.num_layers // pp) * layer_activation_bytes(ms, s, b, tp, sp, e, flash_attention)
+    layers = ms.pipeline_stage_layers(pp)[stage]
+    activations = in_flight * layers * layer_activation_bytes(ms, s, b, tp, sp, e, flash_attention)
     activations += layer_activation_bytes(mt, s, b, tp, sp, e, flash_attention, dropout=False)  # teacher, transient
     # p2p (model.distill): a stage receives and sends [s, b, h_s + h_t]. The received
     # tensor lives until the microbatch's backward; its student slice is the first
