@@ -28,7 +28,7 @@ import torch
 from vopd_megatron.config import parse_config
 from vopd_megatron.config.schema import ConfigError, ModelArgs, ParallelArgs, RunConfig, TrainArgs
 from vopd_megatron.model import dry_run
-from vopd_megatron.model.dry_run import dry_run_report, format_report, layer_activation_bytes
+from vopd_megatron.model.dry_run import dry_run_report, layer_activation_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "examples/llama3_70b/config.yaml"  # its teacher-model-config path is relative to the repo root

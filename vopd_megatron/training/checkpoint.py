@@ -35,7 +35,8 @@ across TP/PP/DP too. Adam's `step` is stored once per optimizer (`common_step` /
 optimizer cannot load into a fresh torch Adam, fails on its `step` entries, and
 would restore `step` as *one* tensor shared by all parameters, which torch Adam
 increments once per parameter per step (MEGATRON_ON_CPU.md trap 4):
-`_prime_torch_adam_state` and `_load_optimizer` work around all three.
+`optimizer_state.prime_torch_adam_state` and `optimizer_state.load_optimizer`
+work around all three.
 
 RNG states (python `random`, numpy, torch CPU, CUDA when present, and
 Megatron's tensor-parallel RNG tracker) are saved per global rank. They are
@@ -54,15 +55,16 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 import re
 import shutil
 import time
 import warnings
 
-import numpy as np
 import torch
 import torch.distributed as dist
+
+from .optimizer_state import distopt_sharding_type, load_optimizer, prime_torch_adam_state, sharded_metadata
+from .rng_state import get_rng_state, reseed, set_rng_state
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "load_checkpoint", "load_model_weights",
@@ -75,7 +77,6 @@ FORMAT_VERSION = 1
 _STAGING_SUFFIX = ".incomplete"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _RNG_KEY = "vopd.rng_state"
-_DISTOPT_SHARDING = "fully_reshardable"  # model-space, reshardable across TP/PP/DP
 
 
 class CheckpointError(RuntimeError):
@@ -182,15 +183,15 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
         os.makedirs(staging)
     _barrier()
 
-    sharding = _distopt_sharding_type(optimizer)
-    metadata = _sharded_metadata(sharding)
+    sharding = distopt_sharding_type(optimizer)
+    metadata = sharded_metadata(sharding)
     sharded = _model_sharded_state_dict(model, metadata)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False, metadata=metadata)
     if scheduler is not None:
         sharded["opt_param_scheduler"] = scheduler.state_dict()
     world, rank = _world_size(), _rank()
-    sharded[_RNG_KEY] = ShardedObject(_RNG_KEY, _get_rng_state(), (world,), (rank,), replica_id=0)
+    sharded[_RNG_KEY] = ShardedObject(_RNG_KEY, get_rng_state(), (world,), (rank,), replica_id=0)
     sharded["vopd"] = dict(
         format_version=FORMAT_VERSION, iteration=iteration, layout=_layout(model),
         has_optimizer=optimizer is not None, distrib_optim_sharding_type=sharding,
@@ -303,10 +304,10 @@ def load_checkpoint(load_dir: str, model: list, optimizer, scheduler, *, strict:
         raise CheckpointError(f"{path} was saved without optimizer state; pass optimizer=None to load it")
 
     same_layout = info["layout"] == _layout(model)
-    metadata = _sharded_metadata(info["distrib_optim_sharding_type"] or _distopt_sharding_type(optimizer))
+    metadata = sharded_metadata(info["distrib_optim_sharding_type"] or distopt_sharding_type(optimizer))
     sharded = _model_sharded_state_dict(model, metadata)
     if optimizer is not None:
-        _prime_torch_adam_state(optimizer)
+        prime_torch_adam_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=metadata)
     if same_layout:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -318,13 +319,13 @@ def load_checkpoint(load_dir: str, model: list, optimizer, scheduler, *, strict:
     with torch.no_grad():  # fp32 DistributedOptimizer.load_state_dict writes into leaf views
         _load_model_chunks(model, loaded, strict)
         if optimizer is not None:
-            _load_optimizer(optimizer, loaded["optimizer"])
+            load_optimizer(optimizer, loaded["optimizer"])
     if scheduler is not None:
         if "opt_param_scheduler" not in loaded:
             raise CheckpointError(f"{path} has no scheduler state; pass scheduler=None to load it")
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if same_layout:
-        _set_rng_state(loaded[_RNG_KEY])
+        set_rng_state(loaded[_RNG_KEY])
     else:
         base = info["base_seed"] if seed is None else seed
         _warn(
@@ -332,7 +333,7 @@ def load_checkpoint(load_dir: str, model: list, optimizer, scheduler, *, strict:
             f"RNG states cannot be mapped across layouts; re-seeding every rank from seed {base} "
             f"+ iteration {iteration}"
         )
-        _reseed(base + iteration)
+        reseed(base + iteration)
     return info["state"]
 
 
@@ -348,7 +349,7 @@ def load_model_weights(load_dir: str, model: list) -> int:
         what = "does not exist" if not os.path.isdir(load_dir) else "holds no checkpoint"
         raise CheckpointError(f"cannot load model weights: {load_dir} {what}")
     info = _read_info(path)
-    sharded = _model_sharded_state_dict(model, _sharded_metadata(info["distrib_optim_sharding_type"]))
+    sharded = _model_sharded_state_dict(model, sharded_metadata(info["distrib_optim_sharding_type"]))
     loaded = _load_sharded(sharded, path, strict=True, ignore_unused=("optimizer.", _RNG_KEY))
     with torch.no_grad():
         _load_model_chunks(model, loaded, strict=True)
@@ -417,100 +418,6 @@ def _load_model_chunks(model: list, loaded: dict, strict: bool) -> None:
         _unwrap(chunk).load_state_dict(loaded[_chunk_key(model, i)], strict=strict)
 
 
-def _distopt_sharding_type(optimizer) -> str | None:
-    """The DistributedOptimizer format to save in (None without a distributed optimizer)."""
-    if optimizer is None or not any(_is_distopt(o) for o in _megatron_optimizers(optimizer)):
-        return None
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    formats = getattr(DistributedOptimizer, "checkpoint_fully_reshardable_formats", ())
-    return _DISTOPT_SHARDING if _DISTOPT_SHARDING in formats else "fully_sharded_model_space"  # 0.16
-
-
-def _sharded_metadata(distopt_sharding: str | None) -> dict:
-    """The `metadata` Megatron-LM passes to model and optimizer `sharded_state_dict` (torch_dist)."""
-    from megatron.core import parallel_state as ps
-
-    metadata = dict(singleton_local_shards=False, chained_optim_avoid_prefix=True)
-    if distopt_sharding is not None:
-        metadata["distrib_optim_sharding_type"] = distopt_sharding
-        # The default exchange all-gathers through `.cuda()` tensors; without a GPU
-        # use the gloo gather to DP rank 0 (same checkpoint content, per megatron-core).
-        metadata["distrib_optim_fully_reshardable_mem_efficient"] = not torch.cuda.is_available()
-    if ps.model_parallel_is_initialized():
-        metadata["dp_cp_group"] = ps.get_data_parallel_group(with_context_parallel=True)
-    return metadata
-
-
-def _megatron_optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
-
-
-def _is_distopt(optimizer) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return isinstance(optimizer, DistributedOptimizer)
-
-
-def _is_torch_adam(inner) -> bool:
-    """A torch Adam/AdamW: megatron-core's optimizer when neither TE nor apex is installed."""
-    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
-
-
-def _prime_torch_adam_state(optimizer) -> None:
-    """Give a fresh distributed optimizer's torch Adam zero moments and `step` before a load.
-
-    `DistributedOptimizer.sharded_state_dict(is_loading=True)` first calls its
-    `state_dict()`, which (without TE/apex) reads the common `step` from the
-    per-parameter states and asserts there is exactly one: on an optimizer that
-    has not stepped yet there are none. The values are overwritten by the load.
-    """
-    for megatron_optimizer in _megatron_optimizers(optimizer):
-        inner = getattr(megatron_optimizer, "optimizer", None)
-        if not (_is_distopt(megatron_optimizer) and _is_torch_adam(inner)) or inner.state:
-            continue
-        megatron_optimizer.init_state_fn(inner, megatron_optimizer.config)
-        for group in inner.param_groups:
-            for p in group["params"]:
-                inner.state[p].setdefault("step", torch.tensor(0.0))
-
-
-def _load_optimizer(optimizer, state) -> None:
-    """`optimizer.load_state_dict(state)`, except for a distributed optimizer over torch Adam.
-
-    Without TE/apex, megatron-core 0.19's `DistributedOptimizer.load_state_dict`
-    puts one `step` tensor into every parameter's Adam state and then fails
-    (KeyError 'step') copying the model-space parameter state, which has no
-    `step`. So for those: load the common part (param groups, `step`), set the
-    `step`s aside, load the parameter state, and give each parameter its own
-    copy of `step` back: a shared tensor would be incremented once per
-    parameter per step by torch Adam (MEGATRON_ON_CPU.md trap 4).
-    """
-    subs = _megatron_optimizers(optimizer)
-    if len(subs) > 1 and isinstance(state, dict):  # ChainedOptimizer: one state per sub-optimizer, by index
-        state = [state[k] for k in sorted(state)]
-    for sub, sub_state in zip(subs, state if len(subs) > 1 else [state]):
-        inner = getattr(sub, "optimizer", None)
-        if not (_is_distopt(sub) and _is_torch_adam(inner) and "param_state" in sub_state):
-            sub.load_state_dict(sub_state)
-            continue
-        sub_state = dict(sub_state)
-        param_state = sub_state.pop("param_state")
-        kind = sub_state.pop("param_state_sharding_type")
-        sub.load_state_dict(sub_state)
-        steps = {p: s.pop("step") for p, s in inner.state.items() if "step" in s}
-        loader = {
-            "fully_reshardable": "load_parameter_state_from_fully_reshardable",
-            "fully_sharded_model_space": "load_parameter_state_from_fs_model_space",
-            "dp_reshardable": "load_parameter_state_from_dp_reshardable",
-        }[kind]
-        getattr(sub, loader)(param_state)
-        for p, step in steps.items():
-            inner.state[p]["step"] = step.clone()
-    if len(subs) > 1 and hasattr(optimizer, "_synchronize_steps"):
-        optimizer._synchronize_steps()
-
-
 def _layout(model: list) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -521,60 +428,6 @@ def _layout(model: list) -> dict:
             cp=ps.get_context_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
         )
     return layout
-
-
-# --- RNG ------------------------------------------------------------------------------------
-
-
-def _get_rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    return {
-        "random": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": {
-            # graph-safe (CUDA-graph) trackers hold Generators, the others state tensors
-            name: s.get_state() if isinstance(s, torch.Generator) else s.clone()
-            for name, s in tracker.get_states().items()
-        },
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    graph_safe = (
-        tensor_parallel.is_graph_safe_cuda_rng_tracker(tracker)
-        if hasattr(tensor_parallel, "is_graph_safe_cuda_rng_tracker") else False
-    )
-    convert = getattr(tensor_parallel, "convert_cuda_rng_state", None)
-    tracker.set_states({
-        name: convert(s, to_graphable=graph_safe) if convert is not None else s
-        for name, s in state["tracker"].items()
-    })
-
-
-def _reseed(seed: int) -> None:
-    """Megatron-LM's `_set_random_seed`: a per-PP-stage seed for the host RNGs and the TP tracker."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    host_seed = seed
-    if ps.model_parallel_is_initialized():
-        host_seed += 100 * ps.get_pipeline_model_parallel_rank()
-        model_parallel_cuda_manual_seed(host_seed)  # tracker streams; also seeds the CUDA generator
-    random.seed(host_seed)
-    np.random.seed(host_seed % 2**32)
-    torch.manual_seed(host_seed)
 
 
 # --- small helpers -----------------------------------------------------------------------------
