@@ -74,14 +74,15 @@ def local_statistics(zs, us, local_target, owned, need_opt, k, out, cols_out=Non
         return
     z_max = zs.amax(dim=-1)  # [n]
     u_max = us.amax(dim=-1)  # [n]
-    zs_shift = zs - z_max[:, None]  # [n, w]
-    us_shift = us - u_max[:, None]  # [n, w]
-    d = zs_shift - us_shift  # [n, w]
-    e = zs_shift.exp_()  # [n, w], reuses zs_shift
+    # At most three [n, w] fp32 temporaries live at once: d, e and e * d.
+    d = us - u_max[:, None]  # [n, w] u - max_u for now
+    out[U_SUM] = d.exp().sum(-1)
+    e = zs - z_max[:, None]  # [n, w] z - max_z for now
+    torch.sub(e, d, out=d)  # [n, w] d = (z - max_z) - (u - max_u)
+    e.exp_()  # [n, w] e = exp(z - max_z)
     out[Z_MAX] = z_max
     out[U_MAX] = u_max
     out[Z_SUM] = e.sum(-1)
-    out[U_SUM] = us_shift.exp_().sum(-1)
     out[Z_DIFF] = (e * d).sum(-1)
     idx = local_target.clamp(0, w - 1).unsqueeze(-1)  # [n, 1]
     out[Z_TARGET] = torch.where(owned, zs.gather(-1, idx).squeeze(-1), 0.0)
