@@ -161,6 +161,9 @@ class CheckpointArgs:
     save_interval: int | None = None
     teacher_load: str | None = None
     """Teacher checkpoint (loaded read-only); None keeps the teacher's random init (tests)."""
+    finetune: bool = False
+    """Load only the model weights from --load (e.g. a converted Hugging Face
+    checkpoint) and start at iteration 0 with a fresh optimizer (Megatron-LM's --finetune)."""
 
 
 @dataclass

@@ -43,6 +43,7 @@ class StepLogger:
             "kl": m.get("kl", float("nan")),
             "log_ratio": m.get("log_ratio", float("nan")),
             "advantage": m.get("advantage", float("nan")),
+            "student_logprob": m.get("student_logprob", float("nan")),
             "baseline_explained_variance": m.get("baseline_explained_variance", float("nan")),
             "grad_norm": result.grad_norm,
             "lr": result.lr,

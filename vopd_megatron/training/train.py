@@ -86,7 +86,11 @@ def main(argv=None):
         load_model_weights(ck.teacher_load, [models.teacher])
     elif dist.get_rank() == 0:
         print("[vopd] warning: no --teacher-load: the teacher keeps its random initialisation", flush=True)
-    state = load_checkpoint(ck.load, models.student, optimizer, scheduler) if ck.load else None
+    state = None
+    if ck.load and ck.finetune:  # weights only: a converted or pretrained student
+        load_model_weights(ck.load, models.student)
+    elif ck.load:
+        state = load_checkpoint(ck.load, models.student, optimizer, scheduler)
     start = state["iteration"] if state else 0
     source.seek(state["consumed_samples"] if state else 0)
     logger = StepLogger(run.logging.tensorboard_dir, run.logging.log_interval, to_flat_dict(run))

@@ -1,0 +1,73 @@
+"""`vopd-convert`: Hugging Face <-> Megatron checkpoints.
+
+    vopd-convert hf-to-megatron --hf-dir DIR --out CKPT [--dtype bf16] [--make-vocab-size-divisible-by 128]
+                                [--tensor-model-parallel-size 8 --pipeline-model-parallel-size 4]
+    vopd-convert megatron-to-hf --load CKPT --out DIR [--config model.yaml] [--model-type llama]
+                                [--max-shard-size-gb 5]
+
+The TP/PP sizes given to hf-to-megatron are only checked (heads, query groups,
+layers, FFN must divide); the checkpoint itself loads at any layout.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vopd-convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="direction", required=True)
+    h2m = sub.add_parser("hf-to-megatron", help="HF directory -> torch_dist checkpoint + model_flags.yaml")
+    h2m.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
+    h2m.add_argument("--out", required=True, help="checkpoint directory to write (use as --load / --teacher-load)")
+    h2m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                     help="cast the weights (default: keep the HF dtype)")
+    h2m.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    h2m.add_argument("--tensor-model-parallel-size", type=int, default=1, help="layout to check the model against")
+    h2m.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="layout to check the model against")
+    m2h = sub.add_parser("megatron-to-hf", help="torch_dist checkpoint -> HF config.json + safetensors")
+    m2h.add_argument("--load", required=True, help="checkpoint directory (newest complete iteration is read)")
+    m2h.add_argument("--out", required=True, help="HF directory to write")
+    m2h.add_argument("--config", default=None,
+                     help="model flags YAML (Megatron-LM names); needed only for checkpoints not converted from HF")
+    m2h.add_argument("--model-type", choices=["llama", "mistral", "qwen2", "qwen3"], default=None)
+    m2h.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .hf_config import ConversionError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.direction == "hf-to-megatron":
+            from .hf_to_megatron import FLAGS_FILE, convert_hf_to_megatron
+
+            flags = convert_hf_to_megatron(
+                args.hf_dir, args.out, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                dtype=args.dtype, check_tp=args.tensor_model_parallel_size,
+                check_pp=args.pipeline_model_parallel_size,
+            )
+            print(f"wrote {args.out} (torch_dist); model flags ({args.out}/{FLAGS_FILE}):")
+            print(yaml.safe_dump(flags, sort_keys=False), end="")
+        else:
+            from .megatron_to_hf import convert_megatron_to_hf
+
+            model_args = None
+            if args.config:
+                from ..config import parse_config
+
+                model_args = parse_config(["--config", args.config])[0].model
+            files = convert_megatron_to_hf(args.load, args.out, model_args=model_args, model_type=args.model_type,
+                                           max_shard_bytes=int(args.max_shard_size_gb * 2**30))
+            print(f"wrote {args.out}: config.json + {len(files)} safetensors file(s)")
+    except ConversionError as exc:
+        print(f"vopd-convert: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
