@@ -1,8 +1,9 @@
-"""Write examples/tiny/rollouts.jsonl: 64 random tokenized rollouts for the tiny run.
+"""Write examples/tiny/rollouts.jsonl and prompts.jsonl: 64 random tokenized
+prompts (4-12 tokens) over a vocabulary of 250, fixed seed; the rollouts add
+random 8-40-token completions, as an external sampler's output would.
 
-Stand-in data for the file-backed RolloutSource (the in-process sampler comes
-with the rollout engine): prompts of 4-12 tokens, completions of 8-40 tokens
-over a vocabulary of 250, fixed seed.
+prompts.jsonl feeds the on-policy run (the student samples the completions);
+rollouts.jsonl the file-backed RolloutSource (--rollout-data).
 
     python examples/tiny/make_rollouts.py
 """
@@ -12,9 +13,11 @@ from pathlib import Path
 
 rng = random.Random(0)
 out = Path(__file__).with_name("rollouts.jsonl")
-with out.open("w") as f:
+prompts_out = out.with_name("prompts.jsonl")
+with out.open("w") as f, prompts_out.open("w") as g:
     for _ in range(64):
         prompt = [rng.randrange(1, 250) for _ in range(rng.randint(4, 12))]
         completion = [rng.randrange(1, 250) for _ in range(rng.randint(8, 40))]
         f.write(json.dumps({"prompt_ids": prompt, "completion_ids": completion}) + "\n")
-print(f"wrote {out}")
+        g.write(json.dumps({"prompt_ids": prompt}) + "\n")
+print(f"wrote {out} and {prompts_out}")

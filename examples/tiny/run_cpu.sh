@@ -8,7 +8,10 @@ py=${PYTHON:-.venv/bin/python}
 case "$nproc" in
   1) layout=() ;;
   2) layout=(--tensor-model-parallel-size 2) ;;
-  4) layout=(--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2) ;;
+  # On-policy sampling does not support PP > 1 yet: TP2 x PP2 trains on the
+  # rollout file (as if from an external sampler) instead.
+  4) layout=(--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
+             --prompt-data "" --rollout-data examples/tiny/rollouts.jsonl) ;;
   *) echo "usage: $0 [1|2|4] [flags...]" >&2; exit 2 ;;
 esac
 out=runs/tiny/np$nproc

@@ -196,7 +196,20 @@ class DistillArgs:
 @dataclass
 class DataArgs:
     rollout_data: str | None = None
-    """JSONL of tokenized rollouts (file-backed RolloutSource)."""
+    """JSONL of tokenized rollouts (file-backed RolloutSource: an external sampler's output)."""
+    prompt_data: str | None = None
+    """JSONL of tokenized prompts ({"prompt_ids": [...]}): the student samples the
+    completions itself, on-policy, every step."""
+    rollout_max_new_tokens: int = 32
+    """Completion tokens at most per on-policy rollout."""
+    rollout_top_k: int = 0
+    """0 = unfiltered sampling (what the OPD/vOPD estimators assume)."""
+    rollout_top_p: float = 0.0
+    """0.0 = unfiltered sampling (what the OPD/vOPD estimators assume)."""
+    eos_id: int | None = None
+    """End-of-sequence token id: an on-policy completion stops after it."""
+    rollout_batch_size: int = 64
+    """Prompts per static generation batch."""
     tokenizer_model: str | None = None
 
 
@@ -250,6 +263,19 @@ class RunConfig:
             self.distill.loss_config()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        d = self.data
+        if d.rollout_data and d.prompt_data:
+            raise ConfigError("give either --rollout-data (external rollouts) or --prompt-data (on-policy), not both")
+        if d.prompt_data and pp > 1:
+            raise ConfigError(
+                "on-policy sampling (--prompt-data) does not support --pipeline-model-parallel-size > 1 yet; "
+                "use --rollout-data with rollouts from an external sampler"
+            )
+        if d.prompt_data and not 1 <= d.rollout_max_new_tokens < self.model.seq_length:
+            raise ConfigError(
+                f"--rollout-max-new-tokens {d.rollout_max_new_tokens} must be in [1, --seq-length "
+                f"{self.model.seq_length}): the prompt needs room in the sequence"
+            )
         if t.lr_decay_style not in ("constant", "linear", "cosine"):
             raise ConfigError(f"unknown --lr-decay-style {t.lr_decay_style!r}")
         if p.sequence_parallel and tp == 1:

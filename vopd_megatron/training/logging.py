@@ -49,6 +49,7 @@ class StepLogger:
             "lr": result.lr,
             "tokens_per_s": result.num_tokens / max(sec.get("step", 0.0), 1e-9),
             "time/step_s": sec.get("step", 0.0),
+            "time/rollout_s": sec.get("rollout", 0.0),
             "time/teacher_forward_s": sec.get("teacher_forward", 0.0),
             "time/student_forward_s": sec.get("student_forward", 0.0),
             "time/backward_and_optimizer_s": sec.get("backward_and_optimizer", 0.0),
@@ -70,7 +71,8 @@ class StepLogger:
                 f"[vopd] iter {iteration:6d} | KL {scalars['kl']:.4f} | r {scalars['log_ratio']:+.4f} "
                 f"| baseline EV {scalars['baseline_explained_variance']:+.3f} | grad norm {scalars['grad_norm']:.3f} "
                 f"| lr {scalars['lr']:.2e} | {scalars['tokens_per_s']:.0f} tok/s "
-                f"| {scalars['time/step_s']:.2f} s{' | skipped' if result.skipped else ''}{extra}",
+                f"| step {scalars['time/step_s']:.2f} s, rollout {scalars['time/rollout_s']:.2f} s"
+                f"{' | skipped' if result.skipped else ''}{extra}",
                 flush=True,
             )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from datetime import timedelta
 
 import torch
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from ..config import parse_config
 from ..config.args import to_flat_dict
-from .data import JsonlRolloutSource, collate
+from .data import JsonlRolloutSource, collate, load_prompts
 
 
 def init_distributed() -> int:
@@ -52,6 +53,29 @@ def dp_microbatches(rollouts, run, device):
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
+def rollout_source(run, models):
+    """On-policy sampling from the student (--prompt-data) or a rollout file (--rollout-data)."""
+    d = run.data
+    if d.rollout_data:
+        return JsonlRolloutSource(d.rollout_data, vocab_size=run.model.vocab_size)
+    from megatron.core import parallel_state
+
+    from ..rollout import OnPolicyRolloutSource, RolloutSampler, SamplingConfig
+
+    prompts, skipped = load_prompts(d.prompt_data, run.model.vocab_size,
+                                    run.model.seq_length + 1 - d.rollout_max_new_tokens)
+    if dist.get_rank() == 0:
+        print(f"[vopd] {len(prompts)} prompts from {d.prompt_data}; {skipped} skipped as longer than "
+              f"{run.model.seq_length + 1 - d.rollout_max_new_tokens} tokens", flush=True)
+    sampling = SamplingConfig(
+        max_new_tokens=d.rollout_max_new_tokens, temperature=run.distill.vopd_temperature,
+        top_k=d.rollout_top_k, top_p=d.rollout_top_p, eos_id=d.eos_id, max_batch_size=d.rollout_batch_size,
+    )
+    sampler = RolloutSampler(models.student, sampling, run.model.vocab_size, loss_mode=run.distill.vopd_loss)
+    return OnPolicyRolloutSource(sampler, prompts, seed=run.train.seed,
+                                 dp_group=parallel_state.get_data_parallel_group())
+
+
 def dry_run(run, ns, world_size):
     from ..model.dry_run import dry_run_report, format_report
 
@@ -67,9 +91,9 @@ def main(argv=None):
         run.validate(world)
         return dry_run(run, ns, world)
     run.validate(int(os.environ.get("WORLD_SIZE", 1)))
-    if run.data.rollout_data is None:
-        raise SystemExit("error: --rollout-data is required (a JSONL of tokenized rollouts)")
-    source = JsonlRolloutSource(run.data.rollout_data, vocab_size=run.model.vocab_size)
+    if not (run.data.rollout_data or run.data.prompt_data):
+        raise SystemExit("error: give --prompt-data (on-policy: the student samples) "
+                         "or --rollout-data (rollouts from an external sampler)")
 
     from .checkpoint import load_checkpoint, load_model_weights, save_checkpoint
     from .logging import StepLogger
@@ -92,6 +116,7 @@ def main(argv=None):
     elif ck.load:
         state = load_checkpoint(ck.load, models.student, optimizer, scheduler)
     start = state["iteration"] if state else 0
+    source = rollout_source(run, models)
     source.seek(state["consumed_samples"] if state else 0)
     logger = StepLogger(run.logging.tensorboard_dir, run.logging.log_interval, to_flat_dict(run))
     if dist.get_rank() == 0:
@@ -103,8 +128,11 @@ def main(argv=None):
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     loss_config = run.distill.loss_config()
     for iteration in range(start + 1, run.train.train_iters + 1):
+        t0 = time.perf_counter()
         rollouts = source.take(run.train.global_batch_size)  # identical on every rank
+        rollout_s = time.perf_counter() - t0
         result = train_step(models, optimizer, scheduler, dp_microbatches(rollouts, run, device), run, loss_config)
+        result.seconds["rollout"] = rollout_s
         logger.log(iteration, result)
         last = iteration == run.train.train_iters
         if ck.save and ((ck.save_interval and iteration % ck.save_interval == 0) or last):
