@@ -241,7 +241,7 @@ class RunConfig:
         if world_size % (tp * pp):
             raise ConfigError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
         for who, m in (("student", self.model), ("teacher", self.teacher)):
-            _validate_model(who, m, tp, pp)
+            validate_model_args(who, m, tp, pp)
         if self.model.vocab_size != self.teacher.vocab_size:
             raise ConfigError(
                 f"teacher vocab size {self.teacher.vocab_size} != student vocab size "
@@ -285,7 +285,9 @@ class RunConfig:
         return self
 
 
-def _validate_model(who, m: ModelArgs, tp, pp):
+def validate_model_args(who: str, m: ModelArgs, tp: int, pp: int) -> None:
+    """ConfigError if one model's shape cannot be split TP x PP (used for both
+    models of a run and by the checkpoint converter)."""
     if m.vocab_size is None or m.vocab_size < 1:
         raise ConfigError(f"{who}: vocab size unknown (set --vocab-size or a tokenizer)")
     if m.num_attention_heads % tp:

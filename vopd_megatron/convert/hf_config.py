@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from ..config.schema import ConfigError, ModelArgs, _validate_model
+from ..config.schema import ConfigError, ModelArgs, validate_model_args
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -101,7 +101,7 @@ def hf_config_to_model_args(cfg: dict, make_vocab_size_divisible_by: int = 128) 
 def check_layout(m: ModelArgs, tp: int, pp: int) -> None:
     """ConversionError if the model cannot run at TP `tp` x PP `pp` (heads, groups, layers, FFN)."""
     try:
-        _validate_model("converted model", m, tp, pp)
+        validate_model_args("converted model", m, tp, pp)
     except ConfigError as exc:
         raise ConversionError(str(exc)) from None
 
