@@ -198,8 +198,16 @@ class DataArgs:
     rollout_data: str | None = None
     """JSONL of tokenized rollouts (file-backed RolloutSource: an external sampler's output)."""
     prompt_data: str | None = None
-    """JSONL of tokenized prompts ({"prompt_ids": [...]}): the student samples the
-    completions itself, on-policy, every step."""
+    """Prompts for on-policy sampling (the student samples the completions every
+    step): JSONL or Parquet with a text prompt field, chat `messages`, or
+    pre-tokenized `prompt_ids`."""
+    prompt_field: str = "prompt"
+    """Field holding a text prompt in --prompt-data."""
+    apply_chat_template: bool = False
+    """Wrap text prompts as one user turn in the tokenizer's chat template
+    (chat `messages` always use it)."""
+    teacher_tokenizer_model: str | None = None
+    """The teacher's tokenizer, checked against --tokenizer-model: they must be identical."""
     rollout_max_new_tokens: int = 32
     """Completion tokens at most per on-policy rollout."""
     rollout_top_k: int = 0
@@ -211,6 +219,8 @@ class DataArgs:
     rollout_batch_size: int = 64
     """Prompts per static generation batch."""
     tokenizer_model: str | None = None
+    """Student tokenizer: tokenizer.json, a Hugging Face tokenizer directory, or a
+    sentencepiece model; needed for text prompts."""
 
 
 @dataclass

@@ -117,35 +117,3 @@ def collate(rollouts: list[Rollout], seq_length: int, pad_id: int = 0) -> dict[s
         "has_logprobs": torch.tensor(all(r.logprobs is not None for r in rollouts)),
     }
 
-
-def load_prompts(path: str | Path, vocab_size: int | None, max_prompt_tokens: int) -> tuple[list[list[int]], int]:
-    """Tokenized prompts from a JSONL of `{"prompt_ids": [...]}`.
-
-    Prompts longer than `max_prompt_tokens` (the sequence budget left after the
-    completion) are skipped and counted, not truncated: a cut prompt would be a
-    different question. Returns (prompts, skipped).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    prompts, skipped = [], 0
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        where = f"{path}:{i + 1}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON ({exc})") from None
-        ids = rec.get("prompt_ids")
-        if not ids:
-            raise ValueError(f"{where}: missing or empty field 'prompt_ids'")
-        if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
-            raise ValueError(f"{where}: token id outside the vocabulary [0, {vocab_size})")
-        if len(ids) > max_prompt_tokens:
-            skipped += 1
-            continue
-        prompts.append(ids)
-    if not prompts:
-        raise ValueError(f"prompt file {path} has no usable prompt ({skipped} longer than {max_prompt_tokens} tokens)")
-    return prompts, skipped

@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from ..config import parse_config
 from ..config.args import to_flat_dict
-from .data import JsonlRolloutSource, collate, load_prompts
+from ..data import check_compatible, load_prompt_dataset, load_tokenizer
+from .data import JsonlRolloutSource, collate
 
 
 def init_distributed() -> int:
@@ -62,14 +63,19 @@ def rollout_source(run, models):
 
     from ..rollout import OnPolicyRolloutSource, RolloutSampler, SamplingConfig
 
-    prompts, skipped = load_prompts(d.prompt_data, run.model.vocab_size,
-                                    run.model.seq_length + 1 - d.rollout_max_new_tokens)
+    budget = run.model.seq_length + 1 - d.rollout_max_new_tokens
+    tokenizer = load_tokenizer(d.tokenizer_model) if d.tokenizer_model else None
+    if tokenizer is not None and d.teacher_tokenizer_model:
+        check_compatible(tokenizer, load_tokenizer(d.teacher_tokenizer_model))
+    prompts, report = load_prompt_dataset(d.prompt_data, tokenizer, budget, prompt_field=d.prompt_field,
+                                          use_chat_template=d.apply_chat_template, vocab_size=run.model.vocab_size)
     if dist.get_rank() == 0:
-        print(f"[vopd] {len(prompts)} prompts from {d.prompt_data}; {skipped} skipped as longer than "
-              f"{run.model.seq_length + 1 - d.rollout_max_new_tokens} tokens", flush=True)
+        print(f"[vopd] {report['kept']}/{report['total']} prompts from {d.prompt_data}; "
+              f"{report['skipped_too_long']} skipped as longer than {budget} tokens", flush=True)
+    eos_id = d.eos_id if d.eos_id is not None else (tokenizer.eos_id if tokenizer else None)
     sampling = SamplingConfig(
         max_new_tokens=d.rollout_max_new_tokens, temperature=run.distill.vopd_temperature,
-        top_k=d.rollout_top_k, top_p=d.rollout_top_p, eos_id=d.eos_id, max_batch_size=d.rollout_batch_size,
+        top_k=d.rollout_top_k, top_p=d.rollout_top_p, eos_id=eos_id, max_batch_size=d.rollout_batch_size,
     )
     sampler = RolloutSampler(models.student, sampling, run.model.vocab_size, loss_mode=run.distill.vopd_loss)
     return OnPolicyRolloutSource(sampler, prompts, seed=run.train.seed,

@@ -1,0 +1,136 @@
+"""Prompt datasets: JSONL or Parquet records in, token-id prompts out.
+
+Each record carries its prompt in one of three forms, recognised by the value's
+type, looked up in this order of fields: `prompt_field` (default "prompt"),
+"messages", "prompt_ids":
+
+- a string: text, encoded by the tokenizer (wrapped as one user turn and
+  rendered by the chat template when `use_chat_template`);
+- a list of `{"role", "content"}` dicts: a chat, always rendered by the chat
+  template with the assistant turn opened (`add_generation_prompt=True`);
+- a list of ints: already token ids, used as they are.
+
+A prompt longer than `max_prompt_tokens` (the sequence budget left after the
+completion) is skipped and counted, not truncated: a cut prompt would be a
+different question. The report says how many records were read, kept and
+skipped, and of which form they were.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+from .tokenizer import Tokenizer
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+def load_prompt_dataset(path: str | Path, tokenizer: Tokenizer | None, max_prompt_tokens: int,
+                        prompt_field: str = "prompt", use_chat_template: bool = False, *,
+                        vocab_size: int | None = None) -> tuple[list[list[int]], dict]:
+    """Prompts (token ids) from a JSONL or Parquet file, and a report dict:
+    `path, total, kept, skipped_too_long, max_prompt_tokens, forms` (records per
+    form: text / chat / ids). `vocab_size`, when given, bounds every token id."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    prompts, skipped, forms = [], 0, Counter()
+    for where, rec in _records(path):
+        form, ids = _prompt_ids(where, rec, tokenizer, prompt_field, use_chat_template)
+        forms[form] += 1
+        if not ids:
+            raise ValueError(f"{where}: empty prompt")
+        if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
+            raise ValueError(f"{where}: token id outside the vocabulary [0, {vocab_size})")
+        if len(ids) > max_prompt_tokens:
+            skipped += 1
+            continue
+        prompts.append(ids)
+    total = sum(forms.values())
+    if total == 0:
+        raise ValueError(f"prompt file {path} has no records")
+    if not prompts:
+        raise ValueError(f"prompt file {path}: none of its {total} prompts fits in "
+                         f"{max_prompt_tokens} tokens")
+    report = {"path": str(path), "total": total, "kept": len(prompts), "skipped_too_long": skipped,
+              "max_prompt_tokens": max_prompt_tokens, "forms": dict(forms)}
+    return prompts, report
+
+
+def _records(path: Path) -> Iterator[tuple[str, dict]]:
+    """(location for error messages, record) for each record of the file."""
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        yield from _jsonl_records(path)
+    elif suffix in PARQUET_SUFFIXES:
+        yield from _parquet_records(path)
+    else:
+        raise ValueError(f"prompt file {path}: unknown extension {path.suffix!r} "
+                         f"(expected one of {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)})")
+
+
+def _jsonl_records(path: Path):
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            where = f"{path}:{i + 1}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            yield where, rec
+
+
+def _parquet_records(path: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading Parquet prompts needs `pyarrow` (pip install pyarrow)") from None
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for rec in batch.to_pylist():
+            # A column missing from some rows reads as None: the same as absent.
+            yield f"{path} row {row}", {k: v for k, v in rec.items() if v is not None}
+            row += 1
+
+
+def _prompt_ids(where: str, rec: dict, tokenizer: Tokenizer | None, prompt_field: str,
+                use_chat_template: bool) -> tuple[str, list[int]]:
+    """(form, token ids) of one record; form is "text", "chat" or "ids"."""
+    for field in dict.fromkeys((prompt_field, "messages", "prompt_ids")):  # ordered, unique
+        if field in rec:
+            value = rec[field]
+            break
+    else:
+        raise ValueError(f"{where}: missing prompt field {prompt_field!r} (or 'messages' / "
+                         f"'prompt_ids'); the record has {sorted(rec)}")
+    if isinstance(value, str):
+        text = value
+        if not text.strip():  # checked before encoding: BOS alone would not look empty
+            raise ValueError(f"{where}: empty prompt")
+        if use_chat_template:
+            return "chat", _tokenizer(where, tokenizer, "chat").apply_chat_template(
+                [{"role": "user", "content": text}])
+        return "text", _tokenizer(where, tokenizer, "text").encode(text)
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        for m in value:
+            if not {"role", "content"} <= m.keys():
+                raise ValueError(f"{where}: field {field!r}: a chat message needs 'role' and 'content', got {sorted(m)}")
+        return "chat", _tokenizer(where, tokenizer, "chat").apply_chat_template(value)
+    if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return "ids", list(value)
+    raise ValueError(f"{where}: field {field!r} is neither a string, a list of chat messages, "
+                     f"nor a list of token ids (got {type(value).__name__})")
+
+
+def _tokenizer(where: str, tokenizer: Tokenizer | None, form: str) -> Tokenizer:
+    if tokenizer is None:
+        raise ValueError(f"{where}: a {form} prompt needs a tokenizer (set --tokenizer-model), "
+                         "or give pre-tokenized 'prompt_ids'")
+    return tokenizer
