@@ -194,3 +194,19 @@ def test_rollout_correction_and_ppo_clip():
     # term that makes the objective worse.
     assert torch.all(grads[1][cost < 0] == 0) and torch.all(grads[2][cost > 0] == 0)
     assert grads[1][cost > 0].abs().sum() > 0 and grads[2][cost < 0].abs().sum() > 0
+
+
+def test_rollout_logprob_gap_metric():
+    """With behaviour log-probs, the metrics report the trainer/engine gap mean(log p(a) - log mu(a))."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    u = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    a = torch.randint(0, 7, (5,), generator=g)
+    mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0])
+    lp_a = z.log_softmax(-1).gather(-1, a[:, None]).squeeze(-1)
+    behavior = lp_a + torch.tensor([0.1, -0.3, 5.0, 0.25, 0.0], dtype=torch.float64)  # 5.0 is masked
+    s = summarize_metrics(reference_loss(z, u, a, mask, LossConfig(), behavior_logprobs=behavior)[2])
+    # Metrics are fp32 sums: compare at fp32 precision.
+    assert s["rollout_logprob_gap"] == pytest.approx((-0.1 + 0.3 - 0.25 - 0.0) / 4, abs=1e-6)
+    assert s["rollout_logprob_abs_gap"] == pytest.approx((0.1 + 0.3 + 0.25 + 0.0) / 4, abs=1e-6)
+    assert "rollout_logprob_gap" not in summarize_metrics(reference_loss(z, u, a, mask, LossConfig())[2])

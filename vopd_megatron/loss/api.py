@@ -96,7 +96,8 @@ def vocab_parallel_token_terms(
         None if t is None else t.view(lead) for t in outs
     )
     return TokenTerms(token_loss=token_loss, mask=mask, logp=logp, logq=logq, kl=kl,
-                      baseline=baseline, topk_kl=topk_kl, rollout_weight=weight, ppo_clipped=clipped)
+                      baseline=baseline, topk_kl=topk_kl, rollout_weight=weight, ppo_clipped=clipped,
+                      behavior_logprob=None if behavior_logprobs is None else behavior_logprobs.detach())
 
 
 def vocab_parallel_opd_loss(*args, **kwargs):

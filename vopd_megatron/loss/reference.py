@@ -144,6 +144,7 @@ def reference_token_terms(
         topk_kl=None if topk_kl is None else topk_kl.detach(),
         rollout_weight=weight,
         ppo_clipped=clipped,
+        behavior_logprob=None if behavior_logprobs is None else behavior_logprobs.detach(),
     )
 
 

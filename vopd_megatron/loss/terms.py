@@ -34,6 +34,7 @@ class TokenTerms:
     topk_kl: torch.Tensor | None = None  # [...] K^k_t, top-k modes only
     rollout_weight: torch.Tensor | None = None  # [...] truncated IS weight or keep flag
     ppo_clipped: torch.Tensor | None = None  # [...] 1.0 where the PPO clip removed the gradient
+    behavior_logprob: torch.Tensor | None = None  # [...] the sampling engine's log mu(a), when given
 
     @property
     def log_ratio(self) -> torch.Tensor:
@@ -69,6 +70,10 @@ def reduce_token_terms(terms: TokenTerms):
         per_token["rollout_weight"] = terms.rollout_weight
     if terms.ppo_clipped is not None:
         per_token["ppo_clipped"] = terms.ppo_clipped
+    if terms.behavior_logprob is not None:  # trainer vs sampling engine: should be ~0 on-policy
+        gap = terms.logp - terms.behavior_logprob.to(terms.logp.dtype)
+        per_token["rollout_logprob_gap"] = gap
+        per_token["rollout_logprob_abs_gap"] = gap.abs()
     count32 = count.detach().float()
     metrics = {"loss": torch.stack([loss_sum.detach().float(), count32])}
     for name, value in per_token.items():

@@ -43,7 +43,9 @@ def _forward_step(loss_config: LossConfig, vocab_size: int, mask, data_iterator,
     if not isinstance(out, tuple):  # not the last pipeline stage
         return out, None
     student_logits, teacher_logits = out  # [b, s, V/tp] each
-    behavior = mb["behavior_logprobs"] if loss_config.rollout_correction else None
+    # The engine's log-probs, when the rollouts carry them: used by the rollout
+    # correction if configured, and always reported as the trainer/engine gap.
+    behavior = mb["behavior_logprobs"] if bool(mb["has_logprobs"]) else None
     return student_logits, make_loss_func(
         teacher_logits=teacher_logits, labels=mb["labels"], loss_mask=mb["loss_mask"],
         config=loss_config, vocab_size=vocab_size, behavior_logprobs=behavior,
