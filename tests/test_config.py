@@ -192,6 +192,9 @@ def test_base_config_validates():
     (["--vopd-loss", "vopd_topk"], None, 4, "--vopd-loss vopd_topk needs --vopd-top-k"),
     (["--global-batch-size", "6", "--micro-batch-size", "2"], None, 4,
      "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
+    (["--vopd-updates-per-batch", "2"], None, 4, "--vopd-updates-per-batch > 1 needs --vopd-ppo-clip"),
+    (["--prompt-data", "p.jsonl", "--rollout-max-new-tokens", "4096"], None, 4,
+     "--rollout-max-new-tokens 4096 must be in [1, --seq-length"),
     # Pipeline stages: Megatron-Core's rule for uneven first/last stages.
     (PP2, {"num-layers": 5}, 4, "teacher: --num-layers 5 is not divisible by PP 2; set "
      "--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers for an uneven split"),

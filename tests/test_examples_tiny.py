@@ -37,3 +37,21 @@ def test_tiny_example_runs_and_logs(tmp_path, nproc):
     assert all(len(v) == 2 for k, v in scalars.items() if k in SCALARS)
     assert all(k > 0 for k in scalars["kl"])
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+
+def test_several_ppo_clipped_updates_per_rollout_batch(tmp_path):
+    """--vopd-updates-per-batch 2 with --vopd-ppo-clip: two optimizer steps per
+    on-policy batch, the PPO clip statistic logged, and a different result
+    from one update per batch (the second update really happens)."""
+    curves = {}
+    for updates in (1, 2):
+        out = subprocess.run(
+            [sys.executable, "-m", "vopd_megatron.training.train", "--config", "examples/tiny/config.yaml",
+             "--train-iters", "2", "--vopd-ppo-clip", "0.2", "--vopd-updates-per-batch", str(updates),
+             "--tensorboard-dir", str(tmp_path / f"tb{updates}")],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        curves[updates] = read_scalars(tmp_path / f"tb{updates}")
+    assert "ppo_clipped" in curves[2] and all(0 <= v <= 1 for v in curves[2]["ppo_clipped"])
+    assert curves[1]["kl"][0] == curves[2]["kl"][0]  # same weights, same first batch
+    assert curves[1]["kl"][1] != curves[2]["kl"][1]  # one more optimizer step before batch 2

@@ -184,6 +184,10 @@ class DistillArgs:
     vopd_ppo_clip: float | None = None
     teacher_model_config: str | None = None
     """YAML of ModelArgs overrides for the teacher (it may be deeper and wider)."""
+    vopd_updates_per_batch: int = 1
+    """Optimizer steps per rollout batch. Above 1 the later steps are off-policy:
+    needs --vopd-ppo-clip, and rollouts that carry the sampler's log-probs (the
+    PPO ratio's denominator)."""
 
     def loss_config(self) -> LossConfig:
         return LossConfig(
@@ -269,6 +273,10 @@ class RunConfig:
             raise ConfigError(f"unknown --vopd-loss {self.distill.vopd_loss!r}; expected one of {LOSS_MODES}")
         if self.distill.vopd_loss in TOPK_MODES and self.distill.vopd_top_k is None:
             raise ConfigError(f"--vopd-loss {self.distill.vopd_loss} needs --vopd-top-k")
+        if self.distill.vopd_updates_per_batch < 1:
+            raise ConfigError("--vopd-updates-per-batch must be >= 1")
+        if self.distill.vopd_updates_per_batch > 1 and self.distill.vopd_ppo_clip is None:
+            raise ConfigError("--vopd-updates-per-batch > 1 needs --vopd-ppo-clip (the later updates are off-policy)")
         try:
             self.distill.loss_config()
         except ValueError as exc:

@@ -75,6 +75,7 @@ def build_optimizer(run: RunConfig, student_chunks: list):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     t = run.train
+    steps_per_iter = run.distill.vopd_updates_per_batch  # the scheduler counts optimizer steps
     opt_config = OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
@@ -83,10 +84,11 @@ def build_optimizer(run: RunConfig, student_chunks: list):
         use_distributed_optimizer=run.parallel.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, student_chunks)
-    decay_iters = t.lr_decay_iters or t.train_iters
+    decay_iters = (t.lr_decay_iters or t.train_iters) * steps_per_iter
+    warmup = t.lr_warmup_iters * steps_per_iter
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if t.lr_warmup_iters else t.lr, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=max(decay_iters, t.lr_warmup_iters + 1),
+        optimizer, init_lr=0.0 if warmup else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=max(decay_iters, warmup + 1),
         lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
         wd_incr_steps=max(decay_iters, 1), wd_incr_style="constant",
     )

@@ -46,9 +46,14 @@ def _forward_step(loss_config: LossConfig, vocab_size: int, mask, data_iterator,
     # The engine's log-probs, when the rollouts carry them: used by the rollout
     # correction if configured, and always reported as the trainer/engine gap.
     behavior = mb["behavior_logprobs"] if bool(mb["has_logprobs"]) else None
+    old = None
+    if loss_config.ppo_clip is not None:  # the sampling policy is the PPO ratio's old policy
+        if behavior is None:
+            raise ValueError("--vopd-ppo-clip needs rollouts that carry the sampler's log-probs")
+        old = behavior
     return student_logits, make_loss_func(
         teacher_logits=teacher_logits, labels=mb["labels"], loss_mask=mb["loss_mask"],
-        config=loss_config, vocab_size=vocab_size, behavior_logprobs=behavior,
+        config=loss_config, vocab_size=vocab_size, behavior_logprobs=behavior, old_logprobs=old,
     )
 
 

@@ -137,7 +137,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         rollouts = source.take(run.train.global_batch_size)  # identical on every rank
         rollout_s = time.perf_counter() - t0
-        result = train_step(models, optimizer, scheduler, dp_microbatches(rollouts, run, device), run, loss_config)
+        microbatches = dp_microbatches(rollouts, run, device)
+        for _ in range(run.distill.vopd_updates_per_batch):  # >1: PPO-clipped reuse of the batch
+            result = train_step(models, optimizer, scheduler, microbatches, run, loss_config)
         result.seconds["rollout"] = rollout_s
         logger.log(iteration, result)
         last = iteration == run.train.train_iters
