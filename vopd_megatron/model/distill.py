@@ -22,10 +22,10 @@ import torch
 
 
 def _unwrapped(module):
-    """The innermost module under DDP / Float16Module wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+    """The GPTModel under DDP / Float16Module wrappers (megatron-core's unwrap_model)."""
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(module)
 
 
 class DistillationStage(torch.nn.Module):

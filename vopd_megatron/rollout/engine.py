@@ -102,12 +102,10 @@ def _wrapper(model, context):
         )
     except ImportError:  # 0.17+: the wrapper reads the model's config
         return _PolicyLogitsWrapper(model, context)
-    from megatron.core.utils import get_model_config
+    from megatron.core.utils import get_model_config, unwrap_model
 
     cfg = get_model_config(model)
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
+    inner = unwrap_model(model)
     wrapper_config = InferenceWrapperConfig(
         hidden_size=cfg.hidden_size, inference_batch_times_seqlen_threshold=-1,
         fp32_residual_connection=cfg.fp32_residual_connection, params_dtype=cfg.params_dtype,

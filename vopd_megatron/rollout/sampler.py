@@ -240,10 +240,9 @@ class RolloutSampler:
         self.model = _strip_ddp(chunks[0])
         self.config = config
         self.vocab_size = int(vocab_size)
-        inner = self.model
-        while hasattr(inner, "module"):
-            inner = inner.module
-        self.max_sequence_length = getattr(inner, "max_sequence_length", None)
+        from megatron.core.utils import unwrap_model
+
+        self.max_sequence_length = getattr(unwrap_model(self.model), "max_sequence_length", None)
         warn_if_biased(config, loss_mode)
 
     def _validate(self, prompts: list[list[int]]) -> None:
