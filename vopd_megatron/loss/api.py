@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .backend import use_triton
 from .config import LossConfig
 from .terms import TokenTerms, reduce_token_terms
 from .vocab_parallel import CHUNK_ELEMENTS, VocabParallelOPDLoss, group_rank_size
@@ -35,6 +36,7 @@ def validate_inputs(student, teacher, targets, loss_mask, config, vocab_size, tp
             f"true vocab size {vocab_size} must be in [1, {padded}] "
             f"(the padded vocabulary: {student.shape[-1]} columns x tp {tp})"
         )
+    use_triton(config.backend, student)  # raises if "triton" cannot run on these tensors
     if config.rollout_correction is not None and behavior is None:
         raise ValueError(f"rollout_correction={config.rollout_correction!r} needs behavior_logprobs")
     if config.ppo_clip is not None and old is None:

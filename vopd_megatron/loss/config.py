@@ -17,6 +17,8 @@ SAMPLED_MODES = ("opd", "vopd", "vopd_topk", "vopd_opt")
 TOPK_MODES = ("vopd_topk", "topk_kl")
 #: Ways to correct for a sampling engine whose log-probs differ from the trainer's.
 ROLLOUT_CORRECTIONS = (None, "truncate", "mask")
+#: Implementations of the passes over the logit shards (backend.py).
+BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,10 @@ class LossConfig:
     check_inputs: bool = True
     """Validate targets and teacher finiteness. Costs one host sync per call."""
 
+    backend: str = "auto"
+    """"auto" (fused Triton kernels for CUDA tensors when triton imports, the
+    PyTorch path otherwise), "torch" or "triton". Same results either way."""
+
     def __post_init__(self):
         if self.mode not in LOSS_MODES:
             raise ValueError(f"unknown loss mode {self.mode!r}; expected one of {LOSS_MODES}")
@@ -66,6 +72,8 @@ class LossConfig:
             raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown loss backend {self.backend!r}; expected one of {BACKENDS}")
         if self.rollout_correction not in ROLLOUT_CORRECTIONS:
             raise ValueError(
                 f"unknown rollout_correction {self.rollout_correction!r}; "

@@ -92,13 +92,27 @@ def local_statistics(zs, us, local_target, owned, need_opt, k, out, cols_out=Non
         out[Z_SUM2] = e2.sum(-1)
         out[Z_DIFF2] = (e2 * d).sum(-1)
     if k:
-        k_loc, z_row = min(k, w), out.shape[0] - 2 * k
-        vals, cols = zs.topk(k_loc, dim=-1)  # [n, k_loc]
-        out[z_row : z_row + k_loc] = vals.t()
-        out[z_row + k_loc : z_row + k] = float("-inf")
-        out[z_row + k : z_row + k + k_loc] = us.gather(-1, cols).t()
-        if cols_out is not None:
-            cols_out.copy_(cols)
+        local_topk(zs, us, k, out[-2 * k :], cols_out)
+
+
+def local_topk(zs, us, k, out, cols_out=None):
+    """The shard's k largest tempered `z` and their `u` into `out [2k, n]`.
+
+    zs, us: [n, w] tempered logits of the real columns; rows past w are -inf
+    (z) and 0 (u). cols_out: optional [n, min(k, w)] long, the candidates' columns.
+    Shared by the PyTorch path and the Triton path (which has no top-k kernel).
+    """
+    w = zs.shape[1]
+    k_loc = min(k, w)
+    out[k_loc:k].fill_(float("-inf"))
+    out[k + k_loc :].zero_()
+    if k_loc == 0:
+        return
+    vals, cols = zs.topk(k_loc, dim=-1)  # [n, k_loc]
+    out[:k_loc] = vals.t()
+    out[k : k + k_loc] = us.gather(-1, cols).t()
+    if cols_out is not None:
+        cols_out.copy_(cols)
 
 
 @dataclass

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import stats as S
+from .backend import use_triton
 from .config import LossConfig
 
 #: Rows per chunk are chosen so one fp32 temporary holds about this many elements.
@@ -123,12 +124,23 @@ class VocabParallelOPDLoss(torch.autograd.Function):
         local = torch.empty(S.stat_rows(need_opt, k), n, dtype=S.stat_dtype(z.dtype), device=z.device)  # [R, N]
         k_loc = min(k, width)
         cols = torch.empty(n, k_loc, dtype=torch.long, device=z.device) if cfg.mode == "topk_kl" else None
-        for rows in _row_chunks(n, width, chunk_elements):
-            S.local_statistics(
-                S.scaled_fp32(z[rows, :width], tau), S.scaled_fp32(u[rows, :width], tau),
-                local_target[rows], owned[rows], need_opt, k, local[:, rows],
-                None if cols is None else cols[rows],
-            )
+        fused = use_triton(cfg.backend, z)
+        if fused:
+            from . import triton_kernels as TK
+
+            owned_col = torch.where(owned, local_target, -1)  # [N] -1: target on another rank
+            TK.shard_statistics(z, u, owned_col, width, tau, need_opt, local)
+            if k:  # no Triton top-k: one more read of z (and a gather of u) per chunk
+                for rows in _row_chunks(n, width, chunk_elements):
+                    S.local_topk(S.scaled_fp32(z[rows, :width], tau), S.scaled_fp32(u[rows, :width], tau), k,
+                                 local[-2 * k :, rows], None if cols is None else cols[rows])
+        else:
+            for rows in _row_chunks(n, width, chunk_elements):
+                S.local_statistics(
+                    S.scaled_fp32(z[rows, :width], tau), S.scaled_fp32(u[rows, :width], tau),
+                    local_target[rows], owned[rows], need_opt, k, local[:, rows],
+                    None if cols is None else cols[rows],
+                )
         gathered = all_gather_stats(local, group, size)  # [tp, R, N]
         st = S.combine_statistics(gathered, need_opt)
         if cfg.check_inputs:
@@ -143,7 +155,7 @@ class VocabParallelOPDLoss(torch.autograd.Function):
         }.get(cfg.mode, st.kl)
 
         ctx.cfg, ctx.width, ctx.part, ctx.chunk_elements = cfg, width, part, chunk_elements
-        ctx.z_dtype, ctx.consumed = z.dtype, False
+        ctx.z_dtype, ctx.consumed, ctx.fused = z.dtype, False, fused
         weight = clipped = None
         if cfg.sampled:
             token_loss, coef, weight, clipped, mask = _sampled_coefficients(cfg, st, baseline, mask, behavior, old)
@@ -155,7 +167,10 @@ class VocabParallelOPDLoss(torch.autograd.Function):
                     mask = mask * weight
             if cfg.mode == "full_kl":
                 token_loss = st.kl * mask
-                grad = _full_kl_gradient(z, u, st, mask, tau, width, chunk_elements)  # [N, V/tp] z.dtype
+                if fused:
+                    grad = TK.full_kl_gradient(z, u, st, mask / tau, width, tau)  # [N, V/tp] z.dtype
+                else:
+                    grad = _full_kl_gradient(z, u, st, mask, tau, width, chunk_elements)  # [N, V/tp] z.dtype
                 ctx.save_for_backward(grad)
             else:
                 token_loss = topk.kl * mask
@@ -174,6 +189,11 @@ class VocabParallelOPDLoss(torch.autograd.Function):
         if cfg.sampled:
             z, lse_z, coef, local_target, owned = ctx.saved_tensors
             c = grad_loss.to(coef.dtype) * coef / cfg.temperature  # [N]
+            if ctx.fused:
+                from . import triton_kernels as TK
+
+                owned_col = torch.where(owned, local_target, -1)  # [N]
+                return (TK.sampled_gradient(z, lse_z, c, owned_col, ctx.width, cfg.temperature),) + (None,) * 9
             dz = torch.empty_like(z)  # [N, V/tp]
             dz[:, ctx.width:].zero_()
             for rows in _row_chunks(z.shape[0], ctx.width, ctx.chunk_elements):

@@ -36,7 +36,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, tasks, results, collective_timeout_s):
+def _worker(rank, world_size, port, tasks, results, collective_timeout_s, env=None):
+    os.environ.update(env or {})  # before any case imports what reads it (e.g. TRITON_INTERPRET)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     # Megatron-Core reads these when it builds its own groups.
@@ -85,8 +86,11 @@ def _destroy_new_groups(before: set) -> None:
 class GlooPool:
     """`world_size` spawned ranks in one gloo process group, reused across cases."""
 
-    def __init__(self, world_size: int, case_timeout_s: float = 300.0, collective_timeout_s: float = 60.0):
+    def __init__(self, world_size: int, case_timeout_s: float = 300.0, collective_timeout_s: float = 60.0,
+                 env: dict[str, str] | None = None):
+        """env: extra environment variables of the ranks (set before any case runs)."""
         self.world_size = world_size
+        self.env = dict(env or {})
         self.case_timeout_s = case_timeout_s
         self.collective_timeout_s = collective_timeout_s
         self._procs = []
@@ -99,7 +103,7 @@ class GlooPool:
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, self.world_size, port, self._tasks[r], self._results, self.collective_timeout_s),
+                args=(r, self.world_size, port, self._tasks[r], self._results, self.collective_timeout_s, self.env),
                 # Not daemonic: ranks may start processes of their own
                 # (torch_dist checkpoint writers); close() and atexit end them.
                 daemon=False,

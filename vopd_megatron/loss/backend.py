@@ -1,0 +1,55 @@
+"""Which implementation of the per-shard passes runs: PyTorch or Triton.
+
+`LossConfig.backend` is "auto" (Triton for CUDA tensors when Triton imports,
+PyTorch otherwise), "torch" or "triton". Both backends share the all-gather,
+the online-softmax combine and every per-token formula (stats.py,
+vocab_parallel.py); only the passes over `[N, V/tp]` differ. This module
+never imports Triton itself, so choosing the PyTorch path costs nothing.
+
+"triton" on CPU tensors runs Triton's interpreter, which must be switched on
+with `TRITON_INTERPRET=1` before the kernels are first imported (the CI tests
+do this in spawned processes); without it the launch would fail deep inside
+Triton, so it is refused here with the reason.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from .config import BACKENDS
+#: Input dtypes the kernels accept (statistics are fp32; fp64 stays on PyTorch).
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_on() -> bool:
+    """Triton's interpreter flag, read the way triton.knobs reads it."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def use_triton(backend: str, logits: torch.Tensor) -> bool:
+    """True if the Triton kernels run for these logits; ValueError if "triton"
+    was asked for and cannot run."""
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return logits.is_cuda and logits.dtype in TRITON_DTYPES and triton_importable()
+    if backend != "triton":
+        raise ValueError(f"unknown loss backend {backend!r}; expected one of {BACKENDS}")
+    if not triton_importable():
+        raise ValueError("loss backend 'triton' needs the triton package (pip install triton)")
+    if logits.dtype not in TRITON_DTYPES:
+        raise ValueError(f"loss backend 'triton' supports {TRITON_DTYPES}, not {logits.dtype}; use 'torch'")
+    if not logits.is_cuda and not interpreter_on():
+        raise ValueError(
+            f"loss backend 'triton' got {logits.device.type} tensors: the kernels need CUDA, or Triton's "
+            "interpreter (TRITON_INTERPRET=1 set before the kernels are imported) for CPU tensors"
+        )
+    return True

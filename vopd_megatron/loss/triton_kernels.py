@@ -1,0 +1,252 @@
+"""Fused Triton kernels of the vocab-parallel loss (DESIGN §3, docs/performance.md).
+
+Why kernels at all: the PyTorch path (stats.py) is correct everywhere but
+materialises several `[n, w]` fp32 temporaries per chunk and reads each shard
+more than once. On a GPU the loss is bound by memory traffic, and the floor is
+reading `z` and `u` once in forward and reading `z` / writing `dz` once in
+backward. These kernels do exactly that for the sampled modes:
+
+* `shard_statistics` -- one pass over a block of rows of both shards: online
+  max / sum-exp of the tempered student and teacher logits, the KL
+  accumulator `sum e (d)` re-based whenever a running maximum moves, the
+  `vopd_opt` sums `sum e^2`, `sum e^2 d`, and the target logits. It fills the
+  same `[R, N]` rows as `stats.local_statistics`, so the all-gather and the
+  online-softmax combine (`stats.combine_statistics`) are shared with the
+  PyTorch path and cannot drift from it.
+* `sampled_gradient` -- `dz = c_t (e_a - p)` from the saved `lse_z` and
+  per-token coefficient, one read of `z` and one write of `dz`; padded columns
+  get exact zeros.
+* `full_kl_gradient` -- `c_t p (log p - log q - K)`, written in forward (the
+  teacher is needed, and keeping the gradient instead of the teacher shard is
+  the memory property of docs/loss.md).
+
+Not here: the top-k candidates of `vopd_topk` / `topk_kl` stay on
+`torch.topk` (an extra read of `z` per call); a register-resident top-k for
+k up to a few hundred over 10^5 columns is not a reasonable Triton kernel.
+
+Everything accumulates in fp32. Logits are multiplied by `1 / tau` (the
+PyTorch path divides; the two differ by at most one rounding). Columns at or
+past the shard's real width are never loaded. The kernels run compiled on
+CUDA, and on CPU tensors under `TRITON_INTERPRET=1` (the CI tests); the
+environment variable must be set before this module is imported, since
+`triton.jit` reads it when the kernels are defined.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import stats as S
+
+
+@triton.jit
+def _stats_kernel(
+    z_ptr,  # [N, P] student logits (any float dtype), read-only
+    u_ptr,  # [N, P] teacher logits, read-only
+    tgt_ptr,  # [N] int64 target column inside the shard, -1 where not owned
+    out_ptr,  # [R, N] fp32 statistics, rows Z_MAX .. U_TARGET (.. Z_DIFF2) written
+    n_rows, width, stride_z, stride_u, stride_out,
+    inv_tau,
+    NEED_OPT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    row_ok = rows < n_rows
+    r64 = rows.to(tl.int64)
+    ninf = float("-inf")
+    m_z = tl.full([BLOCK_N], ninf, tl.float32)
+    m_u = tl.full([BLOCK_N], ninf, tl.float32)
+    s_z = tl.zeros([BLOCK_N], tl.float32)  # sum exp(z - m_z)
+    s_u = tl.zeros([BLOCK_N], tl.float32)  # sum exp(u - m_u)
+    dif = tl.zeros([BLOCK_N], tl.float32)  # sum exp(z - m_z) ((z - m_z) - (u - m_u))
+    s_2 = tl.zeros([BLOCK_N], tl.float32)  # sum exp(z - m_z)^2
+    dif2 = tl.zeros([BLOCK_N], tl.float32)  # sum exp(z - m_z)^2 ((z - m_z) - (u - m_u))
+    for start in range(0, width, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)  # [BV]
+        ok = row_ok[:, None] & (cols < width)[None, :]  # [BN, BV]
+        z = tl.load(z_ptr + r64[:, None] * stride_z + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + r64[:, None] * stride_u + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        z = z * inv_tau  # [BN, BV] tempered; masked lanes hold 0 and are excluded below
+        u = u * inv_tau  # [BN, BV]
+        mz_new = tl.maximum(m_z, tl.max(tl.where(ok, z, ninf), axis=1))  # [BN]
+        mu_new = tl.maximum(m_u, tl.max(tl.where(ok, u, ninf), axis=1))  # [BN]
+        # Finite stand-ins keep masked lanes and empty rows free of inf - inf.
+        mz = tl.where(mz_new > ninf, mz_new, 0.0)  # [BN]
+        mu = tl.where(mu_new > ninf, mu_new, 0.0)  # [BN]
+        alpha = tl.exp(m_z - mz)  # [BN] rescale of the old e; 0 while m_z = -inf
+        beta = tl.exp(m_u - mu)  # [BN]
+        # The old d's were relative to (m_z, m_u): re-base them onto the new maxima.
+        seen = s_z > 0
+        shift = (tl.where(seen, m_z, mz) - mz) - (tl.where(seen, m_u, mu) - mu)  # [BN], 0 before any column
+        zc = tl.where(ok, z, mz[:, None]) - mz[:, None]  # [BN, BV] z - max_z, 0 on masked lanes
+        uc = tl.where(ok, u, mu[:, None]) - mu[:, None]  # [BN, BV] u - max_u
+        e = tl.where(ok, tl.exp(zc), 0.0)  # [BN, BV]
+        d = zc - uc  # [BN, BV], 0 on masked lanes
+        dif = alpha * (dif + s_z * shift) + tl.sum(e * d, axis=1)
+        s_z = alpha * s_z + tl.sum(e, axis=1)
+        s_u = beta * s_u + tl.sum(tl.where(ok, tl.exp(uc), 0.0), axis=1)
+        if NEED_OPT:
+            a2 = alpha * alpha
+            e2 = e * e
+            dif2 = a2 * (dif2 + s_2 * shift) + tl.sum(e2 * d, axis=1)
+            s_2 = a2 * s_2 + tl.sum(e2, axis=1)
+        m_z = mz_new
+        m_u = mu_new
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)  # [BN]
+    owned = row_ok & (tgt >= 0) & (tgt < width)
+    t_col = tl.where(owned, tgt, 0)
+    z_a = tl.load(z_ptr + r64 * stride_z + t_col, mask=owned, other=0.0).to(tl.float32) * inv_tau
+    u_a = tl.load(u_ptr + r64 * stride_u + t_col, mask=owned, other=0.0).to(tl.float32) * inv_tau
+    base = out_ptr + rows
+    tl.store(base + 0 * stride_out, m_z, mask=row_ok)  # Z_MAX
+    tl.store(base + 1 * stride_out, m_u, mask=row_ok)  # U_MAX
+    tl.store(base + 2 * stride_out, s_z, mask=row_ok)  # Z_SUM
+    tl.store(base + 3 * stride_out, s_u, mask=row_ok)  # U_SUM
+    tl.store(base + 4 * stride_out, dif, mask=row_ok)  # Z_DIFF
+    tl.store(base + 5 * stride_out, tl.where(owned, z_a, 0.0), mask=row_ok)  # Z_TARGET
+    tl.store(base + 6 * stride_out, tl.where(owned, u_a, 0.0), mask=row_ok)  # U_TARGET
+    if NEED_OPT:
+        tl.store(base + 7 * stride_out, s_2, mask=row_ok)  # Z_SUM2
+        tl.store(base + 8 * stride_out, dif2, mask=row_ok)  # Z_DIFF2
+
+
+@triton.jit
+def _sampled_grad_kernel(
+    z_ptr,  # [N, P] student logits, read-only
+    dz_ptr,  # [N, P] gradient, written (padded columns get 0)
+    lse_ptr,  # [N] fp32 global log-normaliser of z / tau
+    coef_ptr,  # [N] fp32 c_t = g_t coef_t / tau
+    tgt_ptr,  # [N] int64 target column inside the shard, -1 where not owned
+    n_rows, width, part, stride_z, stride_dz,
+    inv_tau,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    ninf = float("-inf")
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # [BV]
+    row_ok = rows < n_rows
+    r64 = rows.to(tl.int64)
+    real = row_ok[:, None] & (cols < width)[None, :]  # [BN, BV]
+    z = tl.load(z_ptr + r64[:, None] * stride_z + cols[None, :], mask=real, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    c = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    p = tl.exp(tl.where(real, z * inv_tau - lse[:, None], ninf))  # [BN, BV], 0 on padding
+    onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)  # tgt < width, so never a padded column
+    g = tl.where(real, c[:, None] * (onehot - p), 0.0)
+    out = row_ok[:, None] & (cols < part)[None, :]
+    tl.store(dz_ptr + r64[:, None] * stride_dz + cols[None, :], g.to(dz_ptr.dtype.element_ty), mask=out)
+
+
+@triton.jit
+def _full_kl_grad_kernel(
+    z_ptr,  # [N, P] student logits, read-only
+    u_ptr,  # [N, P] teacher logits, read-only
+    g_ptr,  # [N, P] gradient, written (padded columns get 0)
+    lse_z_ptr, lse_u_ptr, kl_ptr,  # [N] fp32 global statistics
+    coef_ptr,  # [N] fp32 mask / tau
+    n_rows, width, part, stride_z, stride_u, stride_g,
+    inv_tau,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # [BV]
+    row_ok = rows < n_rows
+    r64 = rows.to(tl.int64)
+    real = row_ok[:, None] & (cols < width)[None, :]  # [BN, BV]
+    z = tl.load(z_ptr + r64[:, None] * stride_z + cols[None, :], mask=real, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + r64[:, None] * stride_u + cols[None, :], mask=real, other=0.0).to(tl.float32)
+    lse_z = tl.load(lse_z_ptr + rows, mask=row_ok, other=0.0)
+    lse_u = tl.load(lse_u_ptr + rows, mask=row_ok, other=0.0)
+    kl = tl.load(kl_ptr + rows, mask=row_ok, other=0.0)
+    c = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+    # Masked lanes take log p = log q = 0, so no inf reaches the arithmetic.
+    logp = tl.where(real, z * inv_tau - lse_z[:, None], 0.0)  # [BN, BV]
+    r = logp - tl.where(real, u * inv_tau - lse_u[:, None], 0.0)  # [BN, BV] log p - log q
+    g = tl.where(real, c[:, None] * tl.exp(logp) * (r - kl[:, None]), 0.0)
+    out = row_ok[:, None] & (cols < part)[None, :]
+    tl.store(g_ptr + r64[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=out)
+
+
+# --- launch wrappers --------------------------------------------------------------------
+
+
+#: (BLOCK_N, BLOCK_V) under the CPU interpreter, where every program costs
+#: Python overhead; tests shrink it to force many row blocks and column tiles.
+CPU_BLOCKS = (16, 1024)
+
+
+def _blocks(t: torch.Tensor, reduce: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_V, num_warps). On a GPU: one row per program and wide
+    column tiles for the reduction (the row loops over its shard), 2-D tiles
+    for the element-wise gradients. Not tuned on a GPU yet (see
+    docs/performance.md)."""
+    if not t.is_cuda:
+        return CPU_BLOCKS + (1,)
+    return (1, 4096, 16) if reduce else (4, 1024, 8)
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index `row * stride + col`: columns must be unit-stride."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def shard_statistics(z, u, local_target, width, temperature, need_opt, out) -> None:
+    """Fill the scalar rows of `out [R, N]` (as stats.local_statistics does) in one fused pass.
+
+    z, u: [N, P] shards (read-only); local_target: [N] int64, -1 where this
+    shard does not own the target; width: real columns of the shard.
+    The top-k rows, if any, are left to `stats.local_topk`.
+    """
+    z, u = _rows_contiguous(z), _rows_contiguous(u)
+    n = z.shape[0]
+    if n == 0:
+        return
+    assert out.dtype == torch.float32 and out.stride(1) == 1, "statistics rows must be contiguous fp32"
+    bn, bv, warps = _blocks(z, reduce=True)
+    bv = min(bv, max(16, triton.next_power_of_2(max(width, 1))))
+    _stats_kernel[(triton.cdiv(n, bn),)](
+        z, u, local_target, out, n, width, z.stride(0), u.stride(0), out.stride(0), 1.0 / temperature,
+        NEED_OPT=need_opt, BLOCK_N=bn, BLOCK_V=bv, num_warps=warps,
+    )
+
+
+def sampled_gradient(z, lse_z, coef, local_target, width, temperature) -> torch.Tensor:
+    """dz [N, P] in z's dtype: coef_t (e_a - p) on real columns, 0 on padding.
+
+    coef: [N] fp32, already multiplied by the incoming gradient and 1 / tau.
+    """
+    z = _rows_contiguous(z)
+    n, part = z.shape
+    dz = torch.empty_like(z, memory_format=torch.contiguous_format)  # [N, P]
+    if n == 0 or part == 0:
+        return dz.zero_()
+    bn, bv, warps = _blocks(z, reduce=False)
+    bv = min(bv, max(16, triton.next_power_of_2(part)))
+    grid = (triton.cdiv(n, bn), triton.cdiv(part, bv))
+    _sampled_grad_kernel[grid](
+        z, dz, lse_z.float().contiguous(), coef.float().contiguous(), local_target, n, width, part,
+        z.stride(0), dz.stride(0), 1.0 / temperature, BLOCK_N=bn, BLOCK_V=bv, num_warps=warps,
+    )
+    return dz
+
+
+def full_kl_gradient(z, u, st: S.GlobalStats, coef, width, temperature) -> torch.Tensor:
+    """coef_t p (log p - log q - K) [N, P] in z's dtype; 0 on padded columns.
+
+    coef: [N] fp32 = mask / tau. Reads z and u once, writes the gradient once.
+    """
+    z, u = _rows_contiguous(z), _rows_contiguous(u)
+    n, part = z.shape
+    g = torch.empty_like(z, memory_format=torch.contiguous_format)  # [N, P]
+    if n == 0 or part == 0:
+        return g.zero_()
+    bn, bv, warps = _blocks(z, reduce=False)
+    bv = min(bv, max(16, triton.next_power_of_2(part)))
+    grid = (triton.cdiv(n, bn), triton.cdiv(part, bv))
+    _full_kl_grad_kernel[grid](
+        z, u, g, st.lse_z.contiguous(), st.lse_u.contiguous(), st.kl.contiguous(), coef.float().contiguous(),
+        n, width, part, z.stride(0), u.stride(0), g.stride(0), 1.0 / temperature,
+        BLOCK_N=bn, BLOCK_V=bv, num_warps=warps,
+    )
+    return g
