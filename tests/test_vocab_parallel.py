@@ -114,7 +114,12 @@ def normalised_error(x, ref, floor=1e-6):
 
 
 def check_case(pool, tp, dtype, config, vocab, shape=(6, 3), seed=0, extreme=False, extra_fn=None, divisible=128,
-               tol=None):
+               tol=None, errors=None):
+    """Run one case on every TP group of the pool and compare with the reference.
+
+    errors: optional dict that receives the largest normalised value and
+    gradient errors seen (for reporting).
+    """
     inputs = make_inputs(seed, shape, vocab, extreme=extreme)
     z, u = inputs[0].to(dtype).double(), inputs[1].to(dtype).double()
     inputs = (z, u) + inputs[2:]  # the reference sees exactly the values the ranks see
@@ -124,11 +129,16 @@ def check_case(pool, tp, dtype, config, vocab, shape=(6, 3), seed=0, extreme=Fal
     ref_loss, ref_tokens, ref_metrics, ref_grad = reference(config, inputs, vocab, extra)
     tol = tol or TOLERANCE[dtype]
     n_tokens = math.prod(shape)
-    for group_start in range(0, WORLD, tp):
+    for group_start in range(0, len(results), tp):
         group = results[group_start : group_start + tp]
         grad = torch.cat([r["grad"] for r in group], -1)
         assert torch.all(grad[..., vocab:] == 0), "padded columns received gradient"
         err = normalised_error(grad[..., :vocab], ref_grad)
+        if errors is not None:
+            errors["grad"] = max(errors.get("grad", 0.0), err)
+            for r in group:
+                val = abs(float(r["loss_sum"] - ref_loss)) / max(abs(float(ref_loss)), 1.0)
+                errors["value"] = max(errors.get("value", 0.0), val)
         assert err <= tol["grad"], f"grad error {err:.2e} > {tol['grad']:.0e}"
         for r in group:
             assert r["num_tokens"] == ref_tokens
