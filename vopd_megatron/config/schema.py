@@ -182,6 +182,14 @@ class DistillArgs:
     vopd_rollout_correction: str | None = None
     vopd_rollout_correction_cap: float = 2.0
     vopd_ppo_clip: float | None = None
+    vopd_loss_backend: str = "auto"
+    """Loss kernels: "auto" (fused Triton kernels on CUDA when triton imports, else
+    PyTorch), "torch" or "triton" (docs/performance.md)."""
+    teacher_fp8: bool = False
+    """Run the teacher's transformer layers in FP8 through Transformer Engine
+    (e4m3, tensorwise recipe, TE layer spec); the student and both models' logits
+    stay in their dtype. Needs TE, an FP8-capable GPU and GEMM dimensions that
+    are multiples of 16 (model/fp8.py)."""
     teacher_model_config: str | None = None
     """YAML of ModelArgs overrides for the teacher (it may be deeper and wider)."""
     vopd_updates_per_batch: int = 1
@@ -194,6 +202,7 @@ class DistillArgs:
             mode=self.vopd_loss, top_k=self.vopd_top_k, temperature=self.vopd_temperature,
             rollout_correction=self.vopd_rollout_correction,
             rollout_correction_cap=self.vopd_rollout_correction_cap, ppo_clip=self.vopd_ppo_clip,
+            backend=self.vopd_loss_backend,
         )
 
 
@@ -300,6 +309,24 @@ class RunConfig:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if p.sequence_parallel and self.model.seq_length % tp:
             raise ConfigError(f"--sequence-parallel needs --seq-length {self.model.seq_length} divisible by TP {tp}")
+        if self.distill.teacher_fp8:
+            from ..model.fp8 import fp8_shape_problems
+
+            problems = fp8_shape_problems(self.teacher, p, t)
+            if problems:
+                raise ConfigError("--teacher-fp8: the teacher's GEMMs cannot run in FP8: " + "; ".join(problems))
+        return self
+
+    def check_runtime(self) -> "RunConfig":
+        """Raise ConfigError for what this machine lacks (Transformer Engine, an
+        FP8 GPU); run before any process group or weight exists. Separate from
+        validate() so that --dry-run can plan a GPU job on a machine without one."""
+        if self.distill.teacher_fp8:
+            from ..model.fp8 import fp8_runtime_problems
+
+            problems = fp8_runtime_problems()
+            if problems:
+                raise ConfigError("--teacher-fp8 cannot run here: " + "; ".join(problems))
         return self
 
 

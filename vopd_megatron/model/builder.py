@@ -20,9 +20,15 @@ def te_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def transformer_config(m: ModelArgs, p: ParallelArgs, t: TrainArgs):
-    """Megatron-Core TransformerConfig for one model of the run."""
+def transformer_config(m: ModelArgs, p: ParallelArgs, t: TrainArgs, fp8: bool = False):
+    """Megatron-Core TransformerConfig for one model of the run.
+
+    fp8: run the transformer layers' GEMMs in FP8 through Transformer Engine
+    (model/fp8.py; the teacher only, with the TE layer spec).
+    """
     from megatron.core.transformer import TransformerConfig
+
+    from .fp8 import TEACHER_FP8_FIELDS
 
     dtype = torch.bfloat16 if t.bf16 else torch.float32
     return TransformerConfig(
@@ -58,6 +64,7 @@ def transformer_config(m: ModelArgs, p: ParallelArgs, t: TrainArgs):
         batch_p2p_comm=torch.cuda.is_available(),
         # Free each sent stage output's data right after the send (Megatron-LM's setting).
         deallocate_pipeline_outputs=True,
+        **(TEACHER_FP8_FIELDS if fp8 else {}),
     )
 
 

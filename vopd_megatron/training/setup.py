@@ -55,8 +55,10 @@ def build_models(run: RunConfig, teacher_seed_offset: int = 1) -> Models:
     s_cfg = transformer_config(run.model, run.parallel, run.train)
     student = build_gpt_stage(run.model, run.parallel, run.train, pre, post, config=s_cfg).to(device)
     tensor_parallel.model_parallel_cuda_manual_seed(run.train.seed + teacher_seed_offset)
-    t_cfg = transformer_config(run.teacher, run.parallel, run.train)
-    teacher = build_gpt_stage(run.teacher, run.parallel, run.train, pre, post, config=t_cfg).to(device)
+    fp8 = run.distill.teacher_fp8  # FP8 GEMMs need TE's layer spec (model/fp8.py)
+    t_cfg = transformer_config(run.teacher, run.parallel, run.train, fp8=fp8)
+    teacher = build_gpt_stage(run.teacher, run.parallel, run.train, pre, post, config=t_cfg,
+                              use_te=True if fp8 else None).to(device)
     tensor_parallel.model_parallel_cuda_manual_seed(run.train.seed)  # training RNG streams
     teacher = _maybe_fp16(teacher, t_cfg, run.train.bf16).eval().requires_grad_(False)
 

@@ -96,7 +96,7 @@ def main(argv=None):
                                   else int(os.environ.get("WORLD_SIZE", 1)))
         run.validate(world)
         return dry_run(run, ns, world)
-    run.validate(int(os.environ.get("WORLD_SIZE", 1)))
+    run.validate(int(os.environ.get("WORLD_SIZE", 1))).check_runtime()
     if not (run.data.rollout_data or run.data.prompt_data):
         raise SystemExit("error: give --prompt-data (on-policy: the student samples) "
                          "or --rollout-data (rollouts from an external sampler)")
