@@ -10,6 +10,8 @@ as
   user already runs (the ratio columns are relative to it);
 * `megatron_ce_fused`: `fusions.fused_cross_entropy`, its torch.compile'd
   variant (compiled during warm-up; a failure is reported, not raised);
+* `te_parallel_ce`: Transformer Engine's Triton `parallel_cross_entropy`, when
+  TE imports (GPU only);
 * `unfused_full_kl`: the full-vocabulary reverse KL written the usual way
   (`log_softmax` of both models, `F.kl_div(..., log_target=True)`), which is
   what `full_kl` replaces (TP = 1 only: it needs the whole vocabulary).
@@ -31,16 +33,27 @@ losses that make more temporaries look slower than they would on a GPU
 (`MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184`
 in the environment keeps them mapped and removes most of that).
 
-On a GPU the table adds the bandwidth against the physical floor of DESIGN §3:
-the distillation rows must read `z` and `u` in forward and read `z` and write
-`dz` in backward (4 passes over `[N, V/tp]`), the CE rows 3 passes; the floor
-bytes divided by the measured time, and that as a share of `--peak-gbs`.
+On a GPU (or on CPU with `--peak-gbs`) the table adds the bandwidth against
+the physical floor of DESIGN §3 (derivation in docs/performance.md): the
+distillation rows must read `z` and `u` in forward and read `z` and write `dz`
+in backward (4 passes over `[N, V/tp]`: 8 bytes per element in bf16), the CE
+rows 3 passes (6 bytes); `floor GB/s` is those bytes over the measured time,
+`x floor` the measured time over the time those bytes take at `--peak-gbs`.
+Per-token `[N]` tensors and the `[tp, R, N]` statistics are left out of the
+floor (R * 4 bytes per token against V/tp * 8).
+
+The loss modes run with `--backends` (default `auto`: the fused Triton kernels
+on a GPU, the PyTorch path on CPU); `--backends auto,torch` adds PyTorch-path
+rows for comparison. On CPU, `TRITON_INTERPRET=1 ... --backends triton` runs
+the kernels' code path in Triton's interpreter (tiny shapes only: the figures
+mean nothing, the run checks that the GPU code path works end to end).
 
 Megatron's CE subtracts the max from fp32 logits in place, so its rows get a
 fresh clone of the student logits per run, made outside the timed region.
 
     python benchmarks/bench_loss.py                      # CPU: small shape, ~1 min
     python benchmarks/bench_loss.py --csv out.csv        # also write CSV
+    python benchmarks/bench_loss.py --backends auto,torch --csv loss_h100.csv   # GPU: N=8192, V=128256, bf16
     torchrun --nproc-per-node 2 benchmarks/bench_loss.py # TP = 2 (optional)
 """
 from __future__ import annotations
@@ -96,8 +109,10 @@ def parse_args():
     p.add_argument("--tokens", type=int, help="N tokens (default 8192 on GPU, 1024 on CPU)")
     p.add_argument("--vocab", type=int, help="global vocabulary V (default 128256 on GPU, 32000 on CPU)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    p.add_argument("--repeats", type=int, help="timed runs per row (default 20 on GPU, 5 on CPU)")
-    p.add_argument("--warmup", type=int, help="untimed runs per row (default 3 on GPU, 1 on CPU)")
+    p.add_argument("--repeats", type=int, help="timed runs per row (default 50 on GPU, 5 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed runs per row (default 5 on GPU, 1 on CPU)")
+    p.add_argument("--backends", default="auto",
+                   help="comma-separated LossConfig.backend values for the loss-mode rows (auto, torch, triton)")
     p.add_argument("--modes", default=",".join(LOSS_MODES), help="comma-separated loss modes")
     p.add_argument("--top-k", type=int, default=64, help="k of vopd_topk and topk_kl")
     p.add_argument("--peak-gbs", type=float, help="peak memory bandwidth (GB/s) for the %% column")
@@ -141,8 +156,8 @@ def student_leaf(inp: Inputs) -> Callable[[], torch.Tensor]:
     return lambda: inp.z.detach().requires_grad_()
 
 
-def opd_row(inp: Inputs, mode: str, top_k: int) -> Row:
-    config = LossConfig(mode=mode, top_k=top_k if mode in TOPK_MODES else None)
+def opd_row(inp: Inputs, mode: str, top_k: int, backend: str = "auto") -> Row:
+    config = LossConfig(mode=mode, top_k=top_k if mode in TOPK_MODES else None, backend=backend)
 
     def step(z):
         loss_sum, num_tokens, _ = vocab_parallel_opd_loss(
@@ -150,6 +165,8 @@ def opd_row(inp: Inputs, mode: str, top_k: int) -> Row:
         return torch.autograd.grad(loss_sum / num_tokens, z)[0]  # [N, V/tp]
 
     name = f"{mode} (k={top_k})" if mode in TOPK_MODES else mode
+    if backend != "auto":
+        name += f" [{backend}]"
     return Row(name, student_leaf(inp), step, passes=4)
 
 
@@ -170,6 +187,27 @@ def megatron_ce_row(inp: Inputs, tp_group, fused: bool) -> Row:
     return Row("megatron_ce_fused" if fused else "megatron_ce", fresh_clone, step, passes=3)
 
 
+def te_ce_row(inp: Inputs, tp_group) -> Row:
+    """Transformer Engine's parallel cross entropy (`(B, SQ, V/tp)` input)."""
+    from transformer_engine.pytorch.cross_entropy import parallel_cross_entropy
+
+    def step(z):
+        loss = parallel_cross_entropy(z.view(1, *z.shape), inp.targets.view(1, -1), 0.0, False,
+                                      tp_group).view(-1)  # [N]
+        return torch.autograd.grad((loss * inp.mask).sum() / inp.mask.sum(), z)[0]
+
+    def fresh_clone():  # older TE versions keep the gradient in the input's storage
+        return inp.z.detach().clone().requires_grad_()
+
+    return Row("te_parallel_ce", fresh_clone, step, passes=3)
+
+
+def te_available() -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
 def unfused_kl_row(inp: Inputs) -> Row:
     def step(z):
         logp = F.log_softmax(z.float(), dim=-1)  # [N, V] fp32
@@ -180,11 +218,13 @@ def unfused_kl_row(inp: Inputs) -> Row:
     return Row("unfused_full_kl", student_leaf(inp), step, passes=4)
 
 
-def build_rows(inp: Inputs, tp_group, modes, top_k) -> list[Row]:
+def build_rows(inp: Inputs, tp_group, modes, top_k, backends=("auto",)) -> list[Row]:
     rows = [megatron_ce_row(inp, tp_group, fused=False), megatron_ce_row(inp, tp_group, fused=True)]
+    if inp.z.is_cuda and te_available():
+        rows.append(te_ce_row(inp, tp_group))
     if inp.group is None:
         rows.append(unfused_kl_row(inp))
-    return rows + [opd_row(inp, mode, top_k) for mode in modes]
+    return rows + [opd_row(inp, mode, top_k, backend) for backend in backends for mode in modes]
 
 
 # --- measurement -------------------------------------------------------------------
@@ -288,6 +328,11 @@ def ratio(x, ref, floor=1e-3):
     return "-" if x is None or ref is None or ref < floor else f"{x / ref:.2f}"
 
 
+def floor_bytes(passes: int, inp: Inputs) -> int:
+    """Bytes a row must move at least: `passes` reads or writes of one `[N, V/tp]` shard."""
+    return passes * inp.z.numel() * inp.z.element_size()
+
+
 def known_peak_gbs(device) -> float | None:
     if device.type != "cuda":
         return None
@@ -295,23 +340,28 @@ def known_peak_gbs(device) -> float | None:
     return next((gbs for key, gbs in PEAK_GBS.items() if key in name), None)
 
 
-def add_derived(results, inp: Inputs, peak_gbs, device) -> None:
-    """Ratios to Megatron CE, and on GPU the bandwidth against the floor."""
+def add_derived(results, inp: Inputs, peak_gbs) -> None:
+    """Ratios to Megatron's CE (plain and fused) and, given a peak bandwidth,
+    the floor bandwidth and the time relative to the floor time."""
     ce = next(r for r in results if r["name"] == "megatron_ce")
-    elements = inp.z.numel() * inp.z.element_size()  # bytes of one [N, V/tp] pass
+    fused = next((r for r in results if r["name"] == "megatron_ce_fused" and r["ms"]), None)
     for r in results:
         r["x_ce_time"] = ratio(r["ms"], ce["ms"])
+        r["x_fused_time"] = ratio(r["ms"], fused["ms"]) if fused else "-"
         r["x_ce_mem"] = ratio(r["mb"], ce["mb"], floor=1.0)
-        if device.type == "cuda" and r["ms"]:
-            gbs = r["passes"] * elements / (r["ms"] * 1e-3) / 1e9
-            r["floor_gbs"] = f"{gbs:.0f}"
-            r["pct_peak"] = f"{100 * gbs / peak_gbs:.0f}%" if peak_gbs else "-"
+        r["x_fused_mem"] = ratio(r["mb"], fused["mb"], floor=1.0) if fused else "-"
+        if peak_gbs and r["ms"]:
+            need = floor_bytes(r["passes"], inp)
+            gbs = need / (r["ms"] * 1e-3) / 1e9
+            r["floor_gbs"] = f"{gbs:.3g}"
+            r["pct_peak"] = f"{100 * gbs / peak_gbs:.0f}%"
+            r["x_floor"] = f"{r['ms'] / (need / (peak_gbs * 1e9) * 1e3):.2f}"
 
 
-def print_table(results, header: str, device) -> None:
-    cols = ["name", "time ms", "x CE time", "peak extra MiB", "x CE mem"]
-    if device.type == "cuda":
-        cols += ["floor GB/s", "% of peak"]
+def print_table(results, header: str, with_floor: bool) -> None:
+    cols = ["name", "time ms", "x CE time", "x fused CE time", "peak extra MiB", "x CE mem", "x fused CE mem"]
+    if with_floor:
+        cols += ["floor GB/s", "% of peak", "x floor"]
     print(header)
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join(" --- " for _ in cols) + "|")
@@ -319,14 +369,16 @@ def print_table(results, header: str, device) -> None:
         if r["error"]:
             cells = [r["name"], f"n/a ({r['error']})"] + [""] * (len(cols) - 2)
         else:
-            cells = [r["name"], f"{r['ms']:.2f}", r["x_ce_time"], f"{r['mb']:.1f}", r["x_ce_mem"]]
-            if device.type == "cuda":
-                cells += [r["floor_gbs"], r["pct_peak"]]
+            cells = [r["name"], f"{r['ms']:.2f}", r["x_ce_time"], r["x_fused_time"], f"{r['mb']:.1f}",
+                     r["x_ce_mem"], r["x_fused_mem"]]
+            if with_floor:
+                cells += [r.get("floor_gbs", "-"), r.get("pct_peak", "-"), r.get("x_floor", "-")]
         print("| " + " | ".join(cells) + " |")
 
 
 def write_csv(path, results, meta: dict) -> None:
-    fields = list(meta) + ["name", "ms", "mb", "x_ce_time", "x_ce_mem", "floor_gbs", "pct_peak", "error"]
+    fields = list(meta) + ["name", "ms", "mb", "passes", "x_ce_time", "x_fused_time", "x_ce_mem", "x_fused_mem",
+                           "floor_gbs", "pct_peak", "x_floor", "error"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -334,7 +386,7 @@ def write_csv(path, results, meta: dict) -> None:
             writer.writerow({**meta, **r})
 
 
-def header_line(args, inp: Inputs, device, tp, compat) -> str:
+def header_line(args, inp: Inputs, device, tp, compat, peak=None) -> str:
     from importlib.metadata import version
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -343,7 +395,9 @@ def header_line(args, inp: Inputs, device, tp, compat) -> str:
     return (f"N={args.tokens} V={args.vocab} (V/tp={inp.z.shape[-1]}, tp={tp}) {args.dtype} on {where}; "
             f"median of {args.repeats} after {args.warmup} warm-up; fwd+bwd; "
             f"peak extra memory: {memory}; torch {torch.__version__}, "
-            f"megatron-core {version('megatron-core')}; cpu_compat: {compat}\n")
+            f"megatron-core {version('megatron-core')}; cpu_compat: {compat}; loss backends: {args.backends}"
+            + (f"; peak bandwidth {peak:.0f} GB/s" if peak else "")
+            + ("; TRITON_INTERPRET=1" if os.environ.get("TRITON_INTERPRET") == "1" else "") + "\n")
 
 
 def main():
@@ -352,8 +406,8 @@ def main():
     gpu = device.type == "cuda"
     args.tokens = args.tokens or (8192 if gpu else 1024)
     args.vocab = args.vocab or (128256 if gpu else 32000)
-    args.repeats = args.repeats or (20 if gpu else 5)
-    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    args.repeats = args.repeats or (50 if gpu else 5)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     modes = [m for m in args.modes.split(",") if m]
     compat = "n/a (GPU)" if gpu else "off (--no-cpu-compat)"
     if not gpu and not args.no_cpu_compat:
@@ -365,14 +419,17 @@ def main():
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     inp = make_inputs(args.tokens, args.vocab, dtype, device, tp_group)
 
-    results = measure(build_rows(inp, tp_group, modes, args.top_k), args, device)
-    add_derived(results, inp, args.peak_gbs or known_peak_gbs(device), device)
+    backends = [b for b in args.backends.split(",") if b]
+    results = measure(build_rows(inp, tp_group, modes, args.top_k, backends), args, device)
+    peak = args.peak_gbs or known_peak_gbs(device)
+    add_derived(results, inp, peak)
     tp = dist.get_world_size(tp_group)
     if dist.get_rank() == 0:
-        print_table(results, header_line(args, inp, device, tp, compat), device)
+        print_table(results, header_line(args, inp, device, tp, compat, peak), peak is not None)
         if args.csv:
             meta = {"tokens": args.tokens, "vocab": args.vocab, "tp": tp, "dtype": args.dtype,
-                    "device": str(device), "top_k": args.top_k}
+                    "device": torch.cuda.get_device_name() if gpu else "cpu", "top_k": args.top_k,
+                    "peak_gbs": peak}
             write_csv(args.csv, results, meta)
     dist.destroy_process_group()
 

@@ -24,6 +24,12 @@ What is kept for backward, beyond `[N]`-sized per-token tensors:
 
 No `[N, V/tp]` fp32 buffer outlives a chunk, and the teacher shard is never
 referenced after the forward.
+
+The passes over the shards run either as PyTorch chunks (stats.py) or as the
+fused Triton kernels of triton_kernels.py (`LossConfig.backend`; "auto" picks
+Triton for CUDA tensors). Both fill the same statistics rows and use the same
+combine, per-token formulas and saved tensors, so the memory properties
+above hold for both; the kernels need no fp32 chunk temporaries at all.
 """
 from __future__ import annotations
 
