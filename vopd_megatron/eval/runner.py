@@ -170,6 +170,8 @@ def build_evaluator(run, models, tokenizer, *, log=print) -> Evaluator:
     log(f"[vopd] eval: {report['kept']}/{report['total']} problems from {e.eval_data}; "
         f"{report['skipped_too_long']} skipped as longer than {budget} tokens; {e.eval_samples} sample(s) each"
         + ("" if tokenizer is not None else "; no tokenizer: reverse KL and lengths only, no grading"))
-    return Evaluator(run, models, problems, eval_sampling_config(run, tokenizer), samples=e.eval_samples,
-                     pass_k=e.eval_pass_k, tokenizer=tokenizer, seed=run.train.seed,
-                     dp_group=parallel_state.get_data_parallel_group())
+    evaluator = Evaluator(run, models, problems, eval_sampling_config(run, tokenizer), samples=e.eval_samples,
+                          pass_k=e.eval_pass_k, tokenizer=tokenizer, seed=run.train.seed,
+                          dp_group=parallel_state.get_data_parallel_group())
+    evaluator.report = report
+    return evaluator
