@@ -220,6 +220,10 @@ class DataArgs:
     """0.0 = unfiltered sampling (what the OPD/vOPD estimators assume)."""
     eos_id: int | None = None
     """End-of-sequence token id: an on-policy completion stops after it."""
+    rollout_stop: str | None = None
+    """Stop string: a completion (rollouts and evaluation) ends after the token that
+    completes it in the decoded text; several as a JSON list, e.g. '["</answer>", "\\n\\n"]'.
+    Needs --tokenizer-model."""
     rollout_batch_size: int = 64
     """Prompts per static generation batch."""
     tokenizer_model: str | None = None
@@ -316,6 +320,10 @@ class RunConfig:
                 "on-policy sampling (--prompt-data) does not support --pipeline-model-parallel-size > 1 yet; "
                 "use --rollout-data with rollouts from an external sampler"
             )
+        if d.rollout_stop is not None:
+            self.data_stop_strings()  # raises on a malformed list
+            if not d.tokenizer_model:
+                raise ConfigError("--rollout-stop needs --tokenizer-model (stop strings are matched on decoded text)")
         if d.prompt_data and not 1 <= d.rollout_max_new_tokens < self.model.seq_length:
             raise ConfigError(
                 f"--rollout-max-new-tokens {d.rollout_max_new_tokens} must be in [1, --seq-length "
@@ -354,6 +362,23 @@ class RunConfig:
         if not 1 <= n < self.model.seq_length:
             raise ConfigError(f"--eval-max-new-tokens {n} must be in [1, --seq-length {self.model.seq_length}): "
                               "the problem needs room in the sequence")
+
+    def data_stop_strings(self) -> tuple[str, ...]:
+        """--rollout-stop as a tuple of strings: one string, or a JSON list of strings."""
+        raw = self.data.rollout_stop
+        if raw is None or raw == "":
+            return ()
+        if raw.lstrip().startswith("["):
+            import json
+
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"--rollout-stop {raw!r} starts with '[' but is not a JSON list ({exc})") from None
+            if not (isinstance(value, list) and value and all(isinstance(x, str) and x for x in value)):
+                raise ConfigError(f"--rollout-stop {raw!r}: expected a JSON list of non-empty strings")
+            return tuple(value)
+        return (raw,)
 
     @property
     def eval_max_new_tokens(self) -> int:

@@ -58,7 +58,7 @@ class Evaluator:
         self.run, self.models, self.problems = run, models, problems
         self.samples, self.pass_k = samples, pass_k or samples
         self.tokenizer, self.seed, self.dp_group = tokenizer, seed, dp_group
-        self.sampler = RolloutSampler(models.student, sampling, run.model.vocab_size)
+        self.sampler = RolloutSampler(models.student, sampling, run.model.vocab_size, tokenizer=tokenizer)
 
     def _dp(self) -> tuple[int, int]:
         if self.dp_group is None:
@@ -148,11 +148,11 @@ class Evaluator:
 
 def eval_sampling_config(run, tokenizer) -> SamplingConfig:
     """Evaluation sampling: unfiltered, at --eval-temperature, --eval-max-new-tokens,
-    with the rollouts' EOS and batch size."""
+    with the rollouts' EOS, stop strings and batch size."""
     d = run.data
     eos_id = d.eos_id if d.eos_id is not None else (tokenizer.eos_id if tokenizer else None)
     return SamplingConfig(max_new_tokens=run.eval_max_new_tokens, temperature=run.eval_temperature,
-                          eos_id=eos_id, max_batch_size=d.rollout_batch_size)
+                          eos_id=eos_id, max_batch_size=d.rollout_batch_size, stop_strings=run.data_stop_strings())
 
 
 def build_evaluator(run, models, tokenizer, *, log=print) -> Evaluator:

@@ -84,8 +84,10 @@ def rollout_source(run, models, tokenizer):
     sampling = SamplingConfig(
         max_new_tokens=d.rollout_max_new_tokens, temperature=run.distill.vopd_temperature,
         top_k=d.rollout_top_k, top_p=d.rollout_top_p, eos_id=eos_id, max_batch_size=d.rollout_batch_size,
+        stop_strings=run.data_stop_strings(),
     )
-    sampler = RolloutSampler(models.student, sampling, run.model.vocab_size, loss_mode=run.distill.vopd_loss)
+    sampler = RolloutSampler(models.student, sampling, run.model.vocab_size, loss_mode=run.distill.vopd_loss,
+                             tokenizer=tokenizer)
     return OnPolicyRolloutSource(sampler, prompts, seed=run.train.seed,
                                  dp_group=parallel_state.get_data_parallel_group())
 
