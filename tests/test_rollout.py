@@ -363,6 +363,23 @@ def test_generate_then_train_step(pool2, tp):
     assert results[0]["first"] == results[1]["first"], "ranks returned different rollouts"
     losses = [x for r in results for x in r["losses"]]
     assert losses and all(x == x for x in losses)
+    # Max length: a completion that reaches max_new_tokens (6) without EOS (3)
+    # is flagged, and kept: every one of its tokens is in the loss mask.
+    from tests.test_train_step import SEQ as TRAIN_SEQ
+    from vopd_megatron.training.data import collate, rollout_stats
+
+    rollouts = results[0]["first"] + results[0]["second"]
+    for r in rollouts:
+        assert r.hit_max_length == (len(r.completion_ids) == 6 and 3 not in r.completion_ids)
+    hit = [r for r in rollouts if r.hit_max_length]
+    assert hit, "the test needs a completion that hits the limit"
+    mb = collate(hit, TRAIN_SEQ)
+    for i, r in enumerate(hit):
+        assert mb["loss_mask"][i].sum() == 6
+        assert mb["labels"][i][mb["loss_mask"][i] != 0].tolist() == r.completion_ids
+    stats = rollout_stats(rollouts)
+    assert stats["rollout/hit_max_length"] == len(hit) / len(rollouts)
+    assert stats["rollout/completion_tokens"] == sum(len(r.completion_ids) for r in rollouts) / len(rollouts)
 
 
 # --- single-process units -----------------------------------------------------------------

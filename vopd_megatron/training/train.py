@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..config import parse_config
 from ..config.args import to_flat_dict
 from ..data import check_compatible, load_prompt_dataset, load_tokenizer
-from .data import JsonlRolloutSource, collate
+from .data import JsonlRolloutSource, collate, rollout_stats
 
 
 def init_distributed() -> int:
@@ -165,6 +165,7 @@ def main(argv=None):
         for _ in range(run.distill.vopd_updates_per_batch):  # >1: PPO-clipped reuse of the batch
             result = train_step(models, optimizer, scheduler, microbatches, run, loss_config)
         result.seconds["rollout"] = rollout_s
+        result.metrics.update(rollout_stats(rollouts))
         logger.log(iteration, result)
         last = iteration == run.train.train_iters
         if evaluator is not None and (iteration % interval == 0 or last):
