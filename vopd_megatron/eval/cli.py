@@ -54,25 +54,27 @@ def main(argv=None):
         raise SystemExit("error: vopd-eval needs --load DIR (a checkpoint written by vopd-train or vopd-convert)")
     if not e.eval_data:
         raise SystemExit("error: vopd-eval needs --eval-data FILE.jsonl (records with a problem and an answer)")
-    try:
+    from ..training.train import init_distributed, rank0_print, run_tokenizer
+    from .runner import build_evaluator, load_run_problems
+
+    try:  # bad flags or data: a one-line error before anything is built
         run.validate(int(os.environ.get("WORLD_SIZE", 1)))
-    except ConfigError as exc:
+        tokenizer = run_tokenizer(run)
+        problems = load_run_problems(run, tokenizer, log=rank0_print)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
 
     from ..training.checkpoint import load_model_weights
     from ..training.setup import build_models, initialize_parallel
-    from ..training.train import init_distributed, rank0_print, run_tokenizer
-    from .runner import build_evaluator
 
     init_distributed()
     try:
-        tokenizer = run_tokenizer(run)  # before building models: a bad tokenizer path fails fast
         initialize_parallel(run)
         models = build_models(run, with_teacher=bool(ck.teacher_load))
         iteration = load_model_weights(ck.load, models.student)
         if ck.teacher_load:
             load_model_weights(ck.teacher_load, [models.teacher])
-        evaluator = build_evaluator(run, models, tokenizer, log=rank0_print)
+        evaluator = build_evaluator(run, models, tokenizer, problems)
         result = evaluator.evaluate()
         n, k = e.eval_samples, e.eval_pass_k or e.eval_samples
         if dist.get_rank() == 0:
@@ -82,7 +84,7 @@ def main(argv=None):
             if e.eval_output:
                 summary = {"checkpoint": ck.load, "iteration": iteration, "teacher": ck.teacher_load,
                            "eval_data": e.eval_data, "problems": len(result.records), "samples": n, "pass_k": k,
-                           "data_report": evaluator.report, "metrics": result.metrics, "config": to_flat_dict(run)}
+                           "metrics": result.metrics, "config": to_flat_dict(run)}
                 write_outputs(e.eval_output, summary, result.records)
                 print(f"[vopd-eval] wrote {e.eval_output}/summary.json and problems.jsonl", flush=True)
         dist.barrier()

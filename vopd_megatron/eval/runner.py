@@ -155,10 +155,8 @@ def eval_sampling_config(run, tokenizer) -> SamplingConfig:
                           eos_id=eos_id, max_batch_size=d.rollout_batch_size, stop_strings=run.data_stop_strings())
 
 
-def build_evaluator(run, models, tokenizer, *, log=print) -> Evaluator:
-    """The Evaluator of a run's --eval-* flags (problems loaded and tokenized here)."""
-    from megatron.core import parallel_state
-
+def load_run_problems(run, tokenizer, *, log=print) -> list[EvalProblem]:
+    """The problems of a run's --eval-data, tokenized as its training prompts are (count printed)."""
     from .problems import load_eval_problems
 
     e = run.eval
@@ -170,8 +168,14 @@ def build_evaluator(run, models, tokenizer, *, log=print) -> Evaluator:
     log(f"[vopd] eval: {report['kept']}/{report['total']} problems from {e.eval_data}; "
         f"{report['skipped_too_long']} skipped as longer than {budget} tokens; {e.eval_samples} sample(s) each"
         + ("" if tokenizer is not None else "; no tokenizer: reverse KL and lengths only, no grading"))
-    evaluator = Evaluator(run, models, problems, eval_sampling_config(run, tokenizer), samples=e.eval_samples,
-                          pass_k=e.eval_pass_k, tokenizer=tokenizer, seed=run.train.seed,
-                          dp_group=parallel_state.get_data_parallel_group())
-    evaluator.report = report
-    return evaluator
+    return problems
+
+
+def build_evaluator(run, models, tokenizer, problems: list[EvalProblem]) -> Evaluator:
+    """The Evaluator of a run's --eval-* flags over already loaded problems."""
+    from megatron.core import parallel_state
+
+    e = run.eval
+    return Evaluator(run, models, problems, eval_sampling_config(run, tokenizer), samples=e.eval_samples,
+                     pass_k=e.eval_pass_k, tokenizer=tokenizer, seed=run.train.seed,
+                     dp_group=parallel_state.get_data_parallel_group())
