@@ -382,6 +382,39 @@ def test_generate_then_train_step(pool2, tp):
     assert stats["rollout/completion_tokens"] == sum(len(r.completion_ids) for r in rollouts) / len(rollouts)
 
 
+def case_pipeline_sampling(tp, pp, student_dir):
+    """Completions of the test_train_step student (loaded from a TP1·PP1 checkpoint) at TP x PP."""
+    from tests.test_train_step import VOCAB, _load, _setup, _teardown, run_config
+    from vopd_megatron.rollout import RolloutSampler
+
+    models = _setup(run_config(tp, pp))
+    try:
+        _load(models.student[0], student_dir)
+        sampler = RolloutSampler(models.student, SamplingConfig(max_new_tokens=6, temperature=0.8, eos_id=3,
+                                                                max_batch_size=2), VOCAB)
+        out = sampler.generate([[1, 2, 3], [4, 5], [7, 8, 9, 10], [11]], seed=3)
+        return [(c.completion_ids, c.logprobs, c.hit_max_length) for c in out]
+    finally:
+        _teardown()
+
+
+def test_pipeline_parallel_sampling_equals_pp1(gloo_pools, pool2, tmp_path):
+    """PP2 (the controller's pipeline path: stage-to-stage activations, last
+    stage's logits broadcast, every stage draws) samples exactly what PP1 does
+    on the same weights, on both stages."""
+    from tests.test_train_step import make_initial_weights
+
+    student_dir, teacher_dir = tmp_path / "student", tmp_path / "teacher"
+    student_dir.mkdir(), teacher_dir.mkdir()
+    gloo_pools(1).run(make_initial_weights, str(student_dir), str(teacher_dir))
+    pp1 = pool2.run(case_pipeline_sampling, 1, 1, str(student_dir))  # two DP ranks, same prompts
+    pp2 = pool2.run(case_pipeline_sampling, 1, 2, str(student_dir))
+    assert pp1[0] == pp1[1] and pp2[0] == pp2[1], "ranks disagree"
+    assert [c[0] for c in pp2[0]] == [c[0] for c in pp1[0]]
+    for (_, lp2, hit2), (_, lp1, hit1) in zip(pp2[0], pp1[0]):
+        assert hit2 == hit1 and max(abs(a - b) for a, b in zip(lp2, lp1)) < 1e-6
+
+
 # --- single-process units -----------------------------------------------------------------
 
 

@@ -315,11 +315,6 @@ class RunConfig:
         d = self.data
         if d.rollout_data and d.prompt_data:
             raise ConfigError("give either --rollout-data (external rollouts) or --prompt-data (on-policy), not both")
-        if d.prompt_data and pp > 1:
-            raise ConfigError(
-                "on-policy sampling (--prompt-data) does not support --pipeline-model-parallel-size > 1 yet; "
-                "use --rollout-data with rollouts from an external sampler"
-            )
         if d.rollout_stop is not None:
             self.data_stop_strings()  # raises on a malformed list
             if not d.tokenizer_model:
@@ -329,7 +324,7 @@ class RunConfig:
                 f"--rollout-max-new-tokens {d.rollout_max_new_tokens} must be in [1, --seq-length "
                 f"{self.model.seq_length}): the prompt needs room in the sequence"
             )
-        self._validate_eval(pp)
+        self._validate_eval()
         if t.lr_decay_style not in ("constant", "linear", "cosine"):
             raise ConfigError(f"unknown --lr-decay-style {t.lr_decay_style!r}")
         if p.sequence_parallel and tp == 1:
@@ -339,7 +334,7 @@ class RunConfig:
         return self
 
 
-    def _validate_eval(self, pp: int) -> None:
+    def _validate_eval(self) -> None:
         e = self.eval
         if e.eval_interval < 0:
             raise ConfigError(f"--eval-interval {e.eval_interval} must be >= 0 (0 = never)")
@@ -347,9 +342,6 @@ class RunConfig:
             raise ConfigError("--eval-interval needs --eval-data")
         if not e.eval_data:
             return
-        if pp > 1:
-            raise ConfigError("evaluation (--eval-data) samples in process and does not support "
-                              "--pipeline-model-parallel-size > 1 yet")
         if e.eval_samples < 1:
             raise ConfigError(f"--eval-samples {e.eval_samples} must be >= 1")
         if e.eval_pass_k is not None and not 1 <= e.eval_pass_k <= e.eval_samples:

@@ -38,7 +38,7 @@ Shared by both:
   unset (MEGATRON_ON_CPU.md trap 5), the global RNG untouched, the KV cache
   dropped (and the CUDA cache emptied) when the call returns.
 
-Pipeline parallelism (PP > 1) is not supported yet: see docs/rollout.md.
+Pipeline parallelism (PP > 1): engine backend only (Megatron's controller pipeline path, see engine.py).
 """
 from __future__ import annotations
 
@@ -293,9 +293,9 @@ class RolloutSampler:
                                       "are not supported")
         from megatron.core import parallel_state
 
-        if parallel_state.model_parallel_is_initialized() and \
+        if config.backend == "loop" and parallel_state.model_parallel_is_initialized() and \
                 parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise NotImplementedError("in-process rollouts support PP=1 only (any TP); see docs/rollout.md")
+            raise NotImplementedError("the 'loop' backend supports PP=1 only; the engine backend handles PP > 1")
         self.model = _strip_ddp(chunks[0])
         self.decode = None
         if config.stop_strings:
