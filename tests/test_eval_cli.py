@@ -17,7 +17,7 @@ pytest.importorskip("math_verify")
 from math_verify import parse, verify  # noqa: E402
 
 from vopd_megatron.eval.grading import (  # noqa: E402
-    ProblemGrade, grade_problem, majority_index, parse_prediction, pass_at_k, summarize_grades,
+    ProblemGrade, grade_problem, majority_index, pass_at_k, summarize_grades,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def setup(tmp_path_factory):
                               "--which", which, "--out", str(tmp / which)],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
-    tok = _tokenizer_dir(tmp / "tok")
+    _tokenizer_dir(tmp / "tok")
     problems = [{"problem": f"what is {a} + {b} ?", "answer": str(a + b)} for a, b in
                 [(1, 2), (3, 4), (10, 5), (7, 7), (20, 1)]]
     (tmp / "eval.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
