@@ -79,7 +79,7 @@ def test_missing_runtime_stops_the_run_before_any_work():
     assert "Transformer Engine is not installed" in msg or "no CUDA device" in msg
     from vopd_megatron.training.train import main
 
-    with pytest.raises(ConfigError, match="--teacher-fp8 cannot run here"):
+    with pytest.raises(SystemExit, match="^error: --teacher-fp8 cannot run here"):
         main(["--teacher-fp8", "--vocab-size", "1000", "--prompt-data", "unused.jsonl"])
     assert not torch.distributed.is_initialized()  # stopped before the process group
 

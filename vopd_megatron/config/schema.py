@@ -229,11 +229,41 @@ class DataArgs:
     """0.0 = unfiltered sampling (what the OPD/vOPD estimators assume)."""
     eos_id: int | None = None
     """End-of-sequence token id: an on-policy completion stops after it."""
+    rollout_stop: str | None = None
+    """Stop string: a completion (rollouts and evaluation) ends after the token that
+    completes it in the decoded text; several as a JSON list, e.g. '["</answer>", "\\n\\n"]'.
+    Needs --tokenizer-model."""
     rollout_batch_size: int = 64
     """Prompts per static generation batch."""
     tokenizer_model: str | None = None
     """Student tokenizer: tokenizer.json, a Hugging Face tokenizer directory, or a
     sentencepiece model; needed for text prompts."""
+
+
+@dataclass
+class EvalArgs:
+    """Periodic evaluation inside vopd-train, and vopd-eval (docs/eval.md)."""
+
+    eval_data: str | None = None
+    """JSONL (or Parquet) of problems with reference answers; problems are tokenized as training prompts are."""
+    eval_problem_field: str = "problem"
+    """Field holding the problem (text, chat `messages`, or token ids) in --eval-data."""
+    eval_answer_field: str = "answer"
+    """Field holding the reference answer in --eval-data (graded with math-verify)."""
+    eval_interval: int = 0
+    """Evaluate at iteration 0, every N iterations and after the last one; 0 = never (vopd-train)."""
+    eval_samples: int = 1
+    """Completions sampled per problem (n)."""
+    eval_pass_k: int | None = None
+    """k of pass@k (unbiased estimator from n samples); defaults to --eval-samples."""
+    eval_max_problems: int | None = None
+    """Evaluate only the first M problems of --eval-data; None = all."""
+    eval_temperature: float | None = None
+    """Sampling temperature of evaluation; defaults to --vopd-temperature."""
+    eval_max_new_tokens: int | None = None
+    """Completion tokens at most in evaluation; defaults to --rollout-max-new-tokens."""
+    eval_output: str | None = None
+    """vopd-eval: directory for summary.json and per-problem records (problems.jsonl)."""
 
 
 @dataclass
@@ -246,6 +276,7 @@ class RunConfig:
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     distill: DistillArgs = field(default_factory=DistillArgs)
     data: DataArgs = field(default_factory=DataArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
 
     def data_parallel_size(self, world_size: int) -> int:
         mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
@@ -293,16 +324,16 @@ class RunConfig:
         d = self.data
         if d.rollout_data and d.prompt_data:
             raise ConfigError("give either --rollout-data (external rollouts) or --prompt-data (on-policy), not both")
-        if d.prompt_data and pp > 1:
-            raise ConfigError(
-                "on-policy sampling (--prompt-data) does not support --pipeline-model-parallel-size > 1 yet; "
-                "use --rollout-data with rollouts from an external sampler"
-            )
+        if d.rollout_stop is not None:
+            self.data_stop_strings()  # raises on a malformed list
+            if not d.tokenizer_model:
+                raise ConfigError("--rollout-stop needs --tokenizer-model (stop strings are matched on decoded text)")
         if d.prompt_data and not 1 <= d.rollout_max_new_tokens < self.model.seq_length:
             raise ConfigError(
                 f"--rollout-max-new-tokens {d.rollout_max_new_tokens} must be in [1, --seq-length "
                 f"{self.model.seq_length}): the prompt needs room in the sequence"
             )
+        self._validate_eval()
         if t.lr_decay_style not in ("constant", "linear", "cosine"):
             raise ConfigError(f"unknown --lr-decay-style {t.lr_decay_style!r}")
         if p.sequence_parallel and tp == 1:
@@ -328,6 +359,55 @@ class RunConfig:
             if problems:
                 raise ConfigError("--teacher-fp8 cannot run here: " + "; ".join(problems))
         return self
+
+
+    def _validate_eval(self) -> None:
+        e = self.eval
+        if e.eval_interval < 0:
+            raise ConfigError(f"--eval-interval {e.eval_interval} must be >= 0 (0 = never)")
+        if e.eval_interval and not e.eval_data:
+            raise ConfigError("--eval-interval needs --eval-data")
+        if not e.eval_data:
+            return
+        if e.eval_samples < 1:
+            raise ConfigError(f"--eval-samples {e.eval_samples} must be >= 1")
+        if e.eval_pass_k is not None and not 1 <= e.eval_pass_k <= e.eval_samples:
+            raise ConfigError(f"--eval-pass-k {e.eval_pass_k} must be in [1, --eval-samples {e.eval_samples}]")
+        if e.eval_max_problems is not None and e.eval_max_problems < 1:
+            raise ConfigError(f"--eval-max-problems {e.eval_max_problems} must be >= 1")
+        if e.eval_temperature is not None and not e.eval_temperature > 0:
+            raise ConfigError(f"--eval-temperature {e.eval_temperature} must be > 0")
+        n = self.eval_max_new_tokens
+        if not 1 <= n < self.model.seq_length:
+            raise ConfigError(f"--eval-max-new-tokens {n} must be in [1, --seq-length {self.model.seq_length}): "
+                              "the problem needs room in the sequence")
+
+    def data_stop_strings(self) -> tuple[str, ...]:
+        """--rollout-stop as a tuple of strings: one string, or a JSON list of strings."""
+        raw = self.data.rollout_stop
+        if raw is None or raw == "":
+            return ()
+        if raw.lstrip().startswith("["):
+            import json
+
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"--rollout-stop {raw!r} starts with '[' but is not a JSON list ({exc})") from None
+            if not (isinstance(value, list) and value and all(isinstance(x, str) and x for x in value)):
+                raise ConfigError(f"--rollout-stop {raw!r}: expected a JSON list of non-empty strings")
+            return tuple(value)
+        return (raw,)
+
+    @property
+    def eval_max_new_tokens(self) -> int:
+        e = self.eval
+        return e.eval_max_new_tokens if e.eval_max_new_tokens is not None else self.data.rollout_max_new_tokens
+
+    @property
+    def eval_temperature(self) -> float:
+        e = self.eval
+        return e.eval_temperature if e.eval_temperature is not None else self.distill.vopd_temperature
 
 
 def validate_model_args(who: str, m: ModelArgs, tp: int, pp: int) -> None:
