@@ -55,7 +55,8 @@ class StepLogger:
             "time/backward_and_optimizer_s": sec.get("backward_and_optimizer", 0.0),
             "memory/peak_gb": peak_memory_gb(),
         }
-        for key in ("topk_kl", "rollout_weight", "ppo_clipped", "rollout_logprob_gap", "rollout_logprob_abs_gap"):
+        for key in ("topk_kl", "rollout_weight", "ppo_clipped", "rollout_logprob_gap", "rollout_logprob_abs_gap",
+                    "variance/opd_signal", "variance/vopd_signal", "variance/mode_signal", "variance/ratio"):
             if key in m:
                 out[key] = m[key]
         return out
