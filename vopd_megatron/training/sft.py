@@ -200,11 +200,12 @@ def main(argv=None):
             if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
                 print(f"[sft] iter {it:5d} | loss {loss:.4f} | grad norm {float(grad_norm):.3f} "
                       f"| lr {optimizer.param_groups[0]['lr']:.2e} | {time.perf_counter() - t0:.0f} s", flush=True)
-    if run.checkpoint.save:
-        path = save_checkpoint(run.checkpoint.save, run.train.train_iters, [model], None, None,
-                               {"iteration": run.train.train_iters, "consumed_samples": rows.consumed})
-        if rank0:
-            print(f"[sft] saved {path}", flush=True)
+        ck = run.checkpoint
+        if ck.save and (it == run.train.train_iters or (ck.save_interval and it % ck.save_interval == 0)):
+            # Weights only (no optimizer): what --teacher-load and --load --finetune read.
+            path = save_checkpoint(ck.save, it, [model], None, None, {"iteration": it, "consumed_samples": rows.consumed})
+            if rank0:
+                print(f"[sft] saved {path}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
