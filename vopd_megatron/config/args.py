@@ -32,7 +32,7 @@ from typing import NamedTuple
 import yaml
 
 from .schema import (
-    CheckpointArgs, ConfigError, DataArgs, DistillArgs, LoggingArgs, ModelArgs, ParallelArgs,
+    CheckpointArgs, ConfigError, DataArgs, DistillArgs, EvalArgs, LoggingArgs, ModelArgs, ParallelArgs,
     RunConfig, TrainArgs,
 )
 
@@ -40,7 +40,7 @@ from .schema import (
 SECTIONS = (
     ("model", ModelArgs), ("parallel", ParallelArgs), ("train", TrainArgs),
     ("checkpoint", CheckpointArgs), ("logging", LoggingArgs), ("distill", DistillArgs),
-    ("data", DataArgs),
+    ("data", DataArgs), ("eval", EvalArgs),
 )
 
 

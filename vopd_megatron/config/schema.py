@@ -228,6 +228,32 @@ class DataArgs:
 
 
 @dataclass
+class EvalArgs:
+    """Periodic evaluation inside vopd-train, and vopd-eval (docs/eval.md)."""
+
+    eval_data: str | None = None
+    """JSONL (or Parquet) of problems with reference answers; problems are tokenized as training prompts are."""
+    eval_problem_field: str = "problem"
+    """Field holding the problem (text, chat `messages`, or token ids) in --eval-data."""
+    eval_answer_field: str = "answer"
+    """Field holding the reference answer in --eval-data (graded with math-verify)."""
+    eval_interval: int = 0
+    """Evaluate at iteration 0, every N iterations and after the last one; 0 = never (vopd-train)."""
+    eval_samples: int = 1
+    """Completions sampled per problem (n)."""
+    eval_pass_k: int | None = None
+    """k of pass@k (unbiased estimator from n samples); defaults to --eval-samples."""
+    eval_max_problems: int | None = None
+    """Evaluate only the first M problems of --eval-data; None = all."""
+    eval_temperature: float | None = None
+    """Sampling temperature of evaluation; defaults to --vopd-temperature."""
+    eval_max_new_tokens: int | None = None
+    """Completion tokens at most in evaluation; defaults to --rollout-max-new-tokens."""
+    eval_output: str | None = None
+    """vopd-eval: directory for summary.json and per-problem records (problems.jsonl)."""
+
+
+@dataclass
 class RunConfig:
     model: ModelArgs = field(default_factory=ModelArgs)
     teacher: ModelArgs = field(default_factory=ModelArgs)
@@ -237,6 +263,7 @@ class RunConfig:
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     distill: DistillArgs = field(default_factory=DistillArgs)
     data: DataArgs = field(default_factory=DataArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
 
     def data_parallel_size(self, world_size: int) -> int:
         mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
@@ -294,6 +321,7 @@ class RunConfig:
                 f"--rollout-max-new-tokens {d.rollout_max_new_tokens} must be in [1, --seq-length "
                 f"{self.model.seq_length}): the prompt needs room in the sequence"
             )
+        self._validate_eval(pp)
         if t.lr_decay_style not in ("constant", "linear", "cosine"):
             raise ConfigError(f"unknown --lr-decay-style {t.lr_decay_style!r}")
         if p.sequence_parallel and tp == 1:
@@ -301,6 +329,41 @@ class RunConfig:
         if p.sequence_parallel and self.model.seq_length % tp:
             raise ConfigError(f"--sequence-parallel needs --seq-length {self.model.seq_length} divisible by TP {tp}")
         return self
+
+
+    def _validate_eval(self, pp: int) -> None:
+        e = self.eval
+        if e.eval_interval < 0:
+            raise ConfigError(f"--eval-interval {e.eval_interval} must be >= 0 (0 = never)")
+        if e.eval_interval and not e.eval_data:
+            raise ConfigError("--eval-interval needs --eval-data")
+        if not e.eval_data:
+            return
+        if pp > 1:
+            raise ConfigError("evaluation (--eval-data) samples in process and does not support "
+                              "--pipeline-model-parallel-size > 1 yet")
+        if e.eval_samples < 1:
+            raise ConfigError(f"--eval-samples {e.eval_samples} must be >= 1")
+        if e.eval_pass_k is not None and not 1 <= e.eval_pass_k <= e.eval_samples:
+            raise ConfigError(f"--eval-pass-k {e.eval_pass_k} must be in [1, --eval-samples {e.eval_samples}]")
+        if e.eval_max_problems is not None and e.eval_max_problems < 1:
+            raise ConfigError(f"--eval-max-problems {e.eval_max_problems} must be >= 1")
+        if e.eval_temperature is not None and not e.eval_temperature > 0:
+            raise ConfigError(f"--eval-temperature {e.eval_temperature} must be > 0")
+        n = self.eval_max_new_tokens
+        if not 1 <= n < self.model.seq_length:
+            raise ConfigError(f"--eval-max-new-tokens {n} must be in [1, --seq-length {self.model.seq_length}): "
+                              "the problem needs room in the sequence")
+
+    @property
+    def eval_max_new_tokens(self) -> int:
+        e = self.eval
+        return e.eval_max_new_tokens if e.eval_max_new_tokens is not None else self.data.rollout_max_new_tokens
+
+    @property
+    def eval_temperature(self) -> float:
+        e = self.eval
+        return e.eval_temperature if e.eval_temperature is not None else self.distill.vopd_temperature
 
 
 def validate_model_args(who: str, m: ModelArgs, tp: int, pp: int) -> None:

@@ -60,6 +60,23 @@ def load_prompt_dataset(path: str | Path, tokenizer: Tokenizer | None, max_promp
     return prompts, report
 
 
+def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(location for error messages, record) for each record of a JSONL / Parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    return _records(path)
+
+
+def prompt_ids(where: str, rec: dict, tokenizer: Tokenizer | None, prompt_field: str,
+               use_chat_template: bool) -> tuple[str, list[int]]:
+    """(form, token ids) of one record's prompt, exactly as training prompts are tokenized."""
+    form, ids = _prompt_ids(where, rec, tokenizer, prompt_field, use_chat_template)
+    if not ids:
+        raise ValueError(f"{where}: empty prompt")
+    return form, ids
+
+
 def _records(path: Path) -> Iterator[tuple[str, dict]]:
     """(location for error messages, record) for each record of the file."""
     suffix = path.suffix.lower()

@@ -77,6 +77,14 @@ class Tokenizer:
         bos = self._sp.bos_id()
         return [bos] + ids if add_special_tokens and bos >= 0 else ids
 
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids (special tokens such as EOS dropped by default): what graders read."""
+        if self._hf is not None:
+            return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        if skip_special_tokens:
+            ids = [t for t in ids if not (self._sp.is_control(t) or self._sp.is_unknown(t))]
+        return self._sp.decode(list(ids))
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a chat (`[{"role": ..., "content": ...}]`) rendered by the
         tokenizer's template, ending with the assistant turn's opening."""

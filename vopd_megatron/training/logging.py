@@ -1,11 +1,17 @@
-"""TensorBoard scalars and the one-line progress report of each step.
+"""TensorBoard scalars, a JSON-lines copy of them, and the one-line progress report.
 
 Rank 0 prints; the last global rank (on the last pipeline stage, where the
-loss lives) writes TensorBoard events. Both see the same numbers: the step's
-metrics are broadcast from the last stage by the training step.
+loss lives) writes TensorBoard events and appends every logged scalar dict as
+one line `{"iteration": i, ...}` to `<tensorboard-dir>/metrics.jsonl` (train
+and eval lines alike; non-finite values as null), so scripts can read curves
+without TensorBoard. Both ranks see the same numbers: the step's metrics are
+broadcast from the last stage by the training step, evaluation metrics are
+computed on every rank.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 
 import torch
@@ -26,7 +32,7 @@ class StepLogger:
         self.log_interval = max(1, log_interval)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.printer = rank == 0
-        self.writer = None
+        self.writer = self.jsonl = None
         if tensorboard_dir and rank == world - 1:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -35,6 +41,7 @@ class StepLogger:
             if config_dict:
                 text = "\n".join(f"    {k}: {v}" for k, v in sorted(config_dict.items()))
                 self.writer.add_text("config", text, 0)
+            self.jsonl = open(os.path.join(tensorboard_dir, "metrics.jsonl"), "a", encoding="utf-8")
 
     def scalars(self, result) -> dict[str, float]:
         m, sec = result.metrics, result.seconds
@@ -61,12 +68,28 @@ class StepLogger:
                 out[key] = m[key]
         return out
 
+    def write(self, iteration: int, scalars: dict[str, float]) -> None:
+        """TensorBoard scalars at step `iteration`, and one metrics.jsonl line."""
+        if self.writer is None:
+            return
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, iteration)
+        self.writer.flush()
+        line = {"iteration": iteration}
+        line.update({k: (float(v) if math.isfinite(v) else None) for k, v in scalars.items()})
+        self.jsonl.write(json.dumps(line) + "\n")
+        self.jsonl.flush()
+
+    def log_eval(self, iteration: int, metrics: dict[str, float]) -> None:
+        """Evaluation scalars (`eval/*`) at step `iteration`, and a progress line."""
+        self.write(iteration, metrics)
+        if self.printer:
+            text = " | ".join(f"{k[5:] if k.startswith('eval/') else k} {v:.4f}" for k, v in metrics.items())
+            print(f"[vopd] eval @ iter {iteration:6d} | {text}", flush=True)
+
     def log(self, iteration: int, result, extra: str = "") -> None:
         scalars = self.scalars(result)
-        if self.writer is not None:
-            for key, value in scalars.items():
-                self.writer.add_scalar(key, value, iteration)
-            self.writer.flush()
+        self.write(iteration, scalars)
         if self.printer and iteration % self.log_interval == 0:
             print(
                 f"[vopd] iter {iteration:6d} | KL {scalars['kl']:.4f} | r {scalars['log_ratio']:+.4f} "
@@ -80,3 +103,4 @@ class StepLogger:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+            self.jsonl.close()

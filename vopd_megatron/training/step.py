@@ -105,7 +105,7 @@ def train_step(models, optimizer, scheduler, microbatches: list[dict], run: RunC
     result.grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     scheduler.step(increment=1)
     result.lr = optimizer.param_groups[0]["lr"]
-    result.metrics = _batch_metrics(losses)
+    result.metrics = batch_metrics(losses)
     result.num_tokens = int(round(result.metrics.pop("_tokens", 0)))
     stage = models.stages[0]
     total = time.perf_counter() - t0
@@ -116,7 +116,7 @@ def train_step(models, optimizer, scheduler, microbatches: list[dict], run: RunC
     return result
 
 
-def _batch_metrics(losses: list[dict]) -> dict:
+def batch_metrics(losses: list[dict]) -> dict:
     """Metrics of the global batch, on every rank: summed over this stage's
     microbatches and DP ranks on the last stage, then broadcast from there."""
     from megatron.core import parallel_state

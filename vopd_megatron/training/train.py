@@ -54,7 +54,18 @@ def dp_microbatches(rollouts, run, device):
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
-def rollout_source(run, models):
+def run_tokenizer(run):
+    """The student's tokenizer (None without --tokenizer-model), checked against the teacher's."""
+    d = run.data
+    tokenizer = load_tokenizer(d.tokenizer_model) if d.tokenizer_model else None
+    if d.teacher_tokenizer_model:
+        if tokenizer is None:
+            raise ValueError("--teacher-tokenizer-model needs --tokenizer-model (the student's) to compare with")
+        check_compatible(tokenizer, load_tokenizer(d.teacher_tokenizer_model))
+    return tokenizer
+
+
+def rollout_source(run, models, tokenizer):
     """On-policy sampling from the student (--prompt-data) or a rollout file (--rollout-data)."""
     d = run.data
     if d.rollout_data:
@@ -64,9 +75,6 @@ def rollout_source(run, models):
     from ..rollout import OnPolicyRolloutSource, RolloutSampler, SamplingConfig
 
     budget = run.model.seq_length + 1 - d.rollout_max_new_tokens
-    tokenizer = load_tokenizer(d.tokenizer_model) if d.tokenizer_model else None
-    if tokenizer is not None and d.teacher_tokenizer_model:
-        check_compatible(tokenizer, load_tokenizer(d.teacher_tokenizer_model))
     prompts, report = load_prompt_dataset(d.prompt_data, tokenizer, budget, prompt_field=d.prompt_field,
                                           use_chat_template=d.apply_chat_template, vocab_size=run.model.vocab_size)
     if dist.get_rank() == 0:
@@ -80,6 +88,11 @@ def rollout_source(run, models):
     sampler = RolloutSampler(models.student, sampling, run.model.vocab_size, loss_mode=run.distill.vopd_loss)
     return OnPolicyRolloutSource(sampler, prompts, seed=run.train.seed,
                                  dp_group=parallel_state.get_data_parallel_group())
+
+
+def rank0_print(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
 
 
 def dry_run(run, ns, world_size):
@@ -122,9 +135,15 @@ def main(argv=None):
     elif ck.load:
         state = load_checkpoint(ck.load, models.student, optimizer, scheduler)
     start = state["iteration"] if state else 0
-    source = rollout_source(run, models)
+    tokenizer = run_tokenizer(run)
+    source = rollout_source(run, models, tokenizer)
     source.seek(state["consumed_samples"] if state else 0)
     logger = StepLogger(run.logging.tensorboard_dir, run.logging.log_interval, to_flat_dict(run))
+    evaluator = None
+    if run.eval.eval_interval:
+        from ..eval import build_evaluator
+
+        evaluator = build_evaluator(run, models, tokenizer, log=rank0_print)
     if dist.get_rank() == 0:
         print(f"[vopd] world {world}: TP {run.parallel.tensor_model_parallel_size} x "
               f"PP {run.parallel.pipeline_model_parallel_size} x DP {run.data_parallel_size(world)}, "
@@ -133,6 +152,9 @@ def main(argv=None):
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     loss_config = run.distill.loss_config()
+    interval = run.eval.eval_interval
+    if evaluator is not None and start == 0:  # the baseline before any update
+        logger.log_eval(0, evaluator.evaluate().metrics)
     for iteration in range(start + 1, run.train.train_iters + 1):
         t0 = time.perf_counter()
         rollouts = source.take(run.train.global_batch_size)  # identical on every rank
@@ -143,6 +165,8 @@ def main(argv=None):
         result.seconds["rollout"] = rollout_s
         logger.log(iteration, result)
         last = iteration == run.train.train_iters
+        if evaluator is not None and (iteration % interval == 0 or last):
+            logger.log_eval(iteration, evaluator.evaluate().metrics)
         if ck.save and ((ck.save_interval and iteration % ck.save_interval == 0) or last):
             save_checkpoint(ck.save, iteration, models.student, optimizer, scheduler,
                             {"iteration": iteration, "consumed_samples": source.consumed})

@@ -1,0 +1,175 @@
+"""One evaluation pass: sample n completions per problem from the student, measure
+the reverse KL to the teacher on them, grade them. Shared by vopd-train (every
+`--eval-interval` iterations) and vopd-eval (once, on a checkpoint).
+
+Layout: data-parallel rank r takes a contiguous block of *problems* (with all
+n samples of each, so the majority vote is local); the ranks of one TP group
+sample the same block with the same seed (identical draws, see
+rollout/sampler.py). Per-problem records are all-gathered over the DP group,
+so every rank ends with all of them.
+
+Reverse KL: `eval/reverse_kl` is the mean over completion tokens of the
+full-vocabulary `K_t = sum_v p_v (log p_v - log q_v)` at the *loss*
+temperature, computed by the loss core (`vocab_parallel_opd_loss`, its `kl`
+metric: exact under TP, from the vocab-parallel statistics) in a forward-only
+pass of Megatron's schedule over the same `DistillationStage`s training uses.
+The sampling temperature of evaluation may differ; the KL is always the one
+the loss is about.
+
+Evaluation does not perturb training: the sampler draws from its own
+generator, and the whole RNG state (host generators and Megatron's TP tracker)
+plus every module's training flag are saved before and restored after.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..loss import LossConfig
+from ..rollout.sampler import RolloutSampler, SamplingConfig, mix_seed
+from ..training.data import Rollout, collate
+from .grading import grade_problem, pass_at_k, summarize_grades
+from .problems import EvalProblem
+
+EVAL_SEED_SALT = 0xE7A1
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    """eval/* scalars (avg@k / pass@k / maj@k only when completions can be decoded)."""
+    records: list[dict] = field(default_factory=list)
+    """One dict per problem, in problem order (every rank holds all of them)."""
+
+
+class Evaluator:
+    """Evaluates the student of `models` on fixed problems; call `evaluate()` any number of times.
+
+    models: `training.setup.Models` (teacher None: no reverse KL).
+    tokenizer: decodes completions for grading; None: no accuracy metrics.
+    pass_k: k of pass@k (<= samples).
+    """
+
+    def __init__(self, run, models, problems: list[EvalProblem], sampling: SamplingConfig, *,
+                 samples: int, pass_k: int | None = None, tokenizer=None, seed: int = 0, dp_group=None):
+        self.run, self.models, self.problems = run, models, problems
+        self.samples, self.pass_k = samples, pass_k or samples
+        self.tokenizer, self.seed, self.dp_group = tokenizer, seed, dp_group
+        self.sampler = RolloutSampler(models.student, sampling, run.model.vocab_size)
+
+    def _dp(self) -> tuple[int, int]:
+        if self.dp_group is None:
+            return 0, 1
+        return dist.get_rank(self.dp_group), dist.get_world_size(self.dp_group)
+
+    def evaluate(self) -> EvalResult:
+        from ..training.rng_state import get_rng_state, set_rng_state
+
+        rng = get_rng_state()
+        modules = [m for stage in self.models.stages + self.models.student for m in stage.modules()]
+        flags = [(m, m.training) for m in modules]
+        try:
+            return self._evaluate()
+        finally:
+            for m, training in flags:
+                m.training = training
+            set_rng_state(rng)
+
+    def _evaluate(self) -> EvalResult:
+        rank, dp = self._dp()
+        P, n = len(self.problems), self.samples
+        lo, hi = rank * P // dp, (rank + 1) * P // dp
+        mine = self.problems[lo:hi]
+        prompts = [p.prompt_ids for p in mine for _ in range(n)]  # problem-major: n rows per problem
+        completions = self.sampler.generate(prompts, seed=mix_seed(self.seed, EVAL_SEED_SALT, rank))
+        reverse_kl = self._reverse_kl(prompts, completions, rows_per_rank=-(-P // dp) * n)
+        records = []
+        for j, prob in enumerate(mine):
+            comps = completions[j * n : (j + 1) * n]
+            records.append(self._record(prob, comps))
+        if dp > 1:
+            pieces = [None] * dp
+            dist.all_gather_object(pieces, records, group=self.dp_group)
+            records = [r for piece in pieces for r in piece]
+        metrics = {} if reverse_kl is None else {"eval/reverse_kl": reverse_kl}
+        lengths = [t for r in records for t in r["completion_tokens"]]
+        metrics["eval/completion_tokens"] = sum(lengths) / len(lengths)
+        metrics["eval/hit_max_length"] = sum(h for r in records for h in r["hit_max_length"]) / len(lengths)
+        if self.tokenizer is not None:
+            metrics.update({f"eval/{k}": v for k, v in summarize_grades(
+                [r["_grade"] for r in records], self.pass_k).items()})
+        for r in records:
+            r.pop("_grade", None)
+        return EvalResult(metrics, records)
+
+    def _record(self, prob: EvalProblem, comps) -> dict:
+        rec = {
+            "index": prob.index, "problem": prob.problem, "answer": prob.answer,
+            "completion_ids": [c.completion_ids for c in comps],
+            "completion_tokens": [len(c.completion_ids) for c in comps],
+            "hit_max_length": [bool(c.hit_max_length) for c in comps],
+        }
+        if self.tokenizer is not None:
+            texts = [self.tokenizer.decode(c.completion_ids) for c in comps]
+            grade = grade_problem(texts, prob.answer)
+            rec.update(completions=texts, answers=grade.answers, correct=grade.correct,
+                       majority_answer=grade.majority_answer, majority_correct=grade.majority_correct,
+                       pass_at_k=pass_at_k(len(comps), sum(grade.correct), self.pass_k), _grade=grade)
+        return rec
+
+    def _reverse_kl(self, prompts, completions, rows_per_rank: int) -> float | None:
+        """Mean of K_t over every completion token of the global evaluation batch (None: no teacher).
+
+        Each DP rank runs the same number of microbatches (padded with empty rows,
+        whose loss mask is zero), so the schedule's collectives line up."""
+        if self.models.teacher is None:
+            return None
+        from ..training.step import batch_metrics, forward_backward
+
+        run = self.run
+        mbs = run.train.micro_batch_size
+        rows = [Rollout(list(p), c.completion_ids) for p, c in zip(prompts, completions)]
+        num_mb = max(1, math.ceil(rows_per_rank / mbs))
+        rows += [Rollout([0], [])] * (num_mb * mbs - len(rows))  # all-masked padding
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        microbatches = [{k: v.to(device) for k, v in collate(rows[i : i + mbs], run.model.seq_length).items()}
+                        for i in range(0, len(rows), mbs)]
+        # The plain estimator (no correction, no PPO): only its `kl` statistic is read.
+        config = LossConfig(mode="vopd", temperature=run.distill.vopd_temperature)
+        for stage in self.models.stages:
+            stage.eval()
+        with torch.no_grad():
+            losses = forward_backward(self.models, microbatches, run, config, forward_only=True)
+        return batch_metrics(losses)["kl"]
+
+
+def eval_sampling_config(run, tokenizer) -> SamplingConfig:
+    """Evaluation sampling: unfiltered, at --eval-temperature, --eval-max-new-tokens,
+    with the rollouts' EOS and batch size."""
+    d = run.data
+    eos_id = d.eos_id if d.eos_id is not None else (tokenizer.eos_id if tokenizer else None)
+    return SamplingConfig(max_new_tokens=run.eval_max_new_tokens, temperature=run.eval_temperature,
+                          eos_id=eos_id, max_batch_size=d.rollout_batch_size)
+
+
+def build_evaluator(run, models, tokenizer, *, log=print) -> Evaluator:
+    """The Evaluator of a run's --eval-* flags (problems loaded and tokenized here)."""
+    from megatron.core import parallel_state
+
+    from .problems import load_eval_problems
+
+    e = run.eval
+    budget = run.model.seq_length + 1 - run.eval_max_new_tokens
+    problems, report = load_eval_problems(
+        e.eval_data, tokenizer, budget, problem_field=e.eval_problem_field, answer_field=e.eval_answer_field,
+        use_chat_template=run.data.apply_chat_template, vocab_size=run.model.vocab_size,
+        max_problems=e.eval_max_problems)
+    log(f"[vopd] eval: {report['kept']}/{report['total']} problems from {e.eval_data}; "
+        f"{report['skipped_too_long']} skipped as longer than {budget} tokens; {e.eval_samples} sample(s) each"
+        + ("" if tokenizer is not None else "; no tokenizer: reverse KL and lengths only, no grading"))
+    return Evaluator(run, models, problems, eval_sampling_config(run, tokenizer), samples=e.eval_samples,
+                     pass_k=e.eval_pass_k, tokenizer=tokenizer, seed=run.train.seed,
+                     dp_group=parallel_state.get_data_parallel_group())
