@@ -82,3 +82,13 @@ def test_tp2_diagnostic_matches_plain(gloo_pools, cfg):
             want["variance/vopd_signal"] / want["variance/opd_signal"], rel=1e-5)
     if cfg.mode == "opd":
         assert results[0]["variance/mode_signal"] == pytest.approx(want["variance/opd_signal"], rel=1e-5)
+
+
+def test_exact_variance_summary_is_the_trace_of_the_covariance():
+    from vopd_megatron.training.grad_variance import variance_summary
+
+    g = torch.Generator().manual_seed(3)
+    grads = torch.randn(6, 10, generator=g, dtype=torch.float64) * torch.arange(1, 11)  # [R, P]
+    got = variance_summary(grads)
+    assert got["total_variance"] == pytest.approx(float(torch.cov(grads.T).trace()), rel=1e-12)
+    assert got["mean_grad_sq_norm"] == pytest.approx(float(grads.mean(0).square().sum()), rel=1e-12)
