@@ -1,7 +1,7 @@
 """Distil the warmed-up student from the teacher with every loss mode, and write the report.
 
     python examples/arithmetic/compare_modes.py                 # full: 6 modes x 3 seeds -> docs/arithmetic_report.md
-    python examples/arithmetic/compare_modes.py --short         # demo: opd vs vopd, 1 seed -> runs/arithmetic/short/report.md
+    python examples/arithmetic/compare_modes.py --short         # demo: opd vs vopd, 1 seed, 8 steps -> runs/arithmetic/short/report.md
 
 Every run is `vopd-train` (on-policy: the student samples its completions
 each step) from the same warmed-up student (`--load ... --finetune`) and the
@@ -40,11 +40,11 @@ MODES = ["opd", "vopd", "vopd_topk", "vopd_opt", "full_kl", "topk_kl"]
 
 #: One recipe for every mode, chosen before comparing (docs/arithmetic_report.md repeats it).
 RECIPE = dict(
-    train_iters=30, global_batch=64, lr=5e-4, top_k=4, temperature=1.0, max_new_tokens=40,
-    eval_interval=10, eval_problems=128, eval_samples=1, seeds=[1, 2, 3],
+    train_iters=24, global_batch=64, lr=5e-4, top_k=4, temperature=1.0, max_new_tokens=40,
+    eval_interval=8, eval_problems=100, eval_samples=1, seeds=[1, 2, 3],
     variance_resamples=8, variance_prompts=64,
 )
-SHORT = dict(RECIPE, train_iters=10, eval_interval=5, eval_problems=64, seeds=[1],
+SHORT = dict(RECIPE, train_iters=8, eval_interval=4, eval_problems=64, seeds=[1],
              variance_resamples=4, variance_prompts=32)
 
 
@@ -137,7 +137,7 @@ def time_baselines(n_tokens: int, vocab: int, top_k: int, repeats: int = 20) -> 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--short", action="store_true", help="the quick demo: opd vs vopd, one seed, 10 steps")
+    ap.add_argument("--short", action="store_true", help="the quick demo: opd vs vopd, one seed, 8 steps")
     ap.add_argument("--modes", default=None, help="comma-separated subset (default: all six; --short: opd,vopd)")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     ap.add_argument("--out", default=None, help="run directory (default runs/arithmetic/{full,short})")

@@ -4,7 +4,7 @@
 
 1. `task.py` writes the tokenizer and the disjoint splits (data/).
 2. `vopd-sft --which teacher`: the 4-layer teacher, supervised on the worked
-   solutions until it solves almost every held-out problem.
+   solutions (two stages, see TEACHER_STAGE1 / TEACHER).
 3. `vopd-sft`: the 2-layer student, a brief supervised warm-up (few steps), so
    that its own samples look like solutions but are often wrong.
 4. `accuracy.py` on both (held-out, sampled at T=1 as distillation samples, and greedy).
@@ -29,9 +29,12 @@ ROOT = HERE.parents[1]
 CONFIG = HERE / "config.yaml"
 DATA = HERE / "data"
 
-#: Supervised recipes (fixed before any distillation run was looked at).
-TEACHER = dict(iters=1000, batch=64, lr=2e-3, min_lr=1e-4, warmup=30, seed=1234)
-STUDENT = dict(iters=150, batch=64, lr=2e-3, min_lr=2e-3, warmup=10, seed=2)
+#: Supervised recipes (fixed before any distillation run was looked at). The teacher
+#: trains in two stages: 400 iterations along a 1000-iteration cosine schedule, then
+#: 150 more from those weights with a fresh optimizer and a short cosine decay.
+TEACHER_STAGE1 = dict(iters=400, decay_iters=1000, batch=64, lr=2e-3, min_lr=1e-4, warmup=30, seed=1234)
+TEACHER = dict(iters=150, batch=64, lr=1e-3, min_lr=1e-4, warmup=0, seed=1235, load="teacher_stage1")
+STUDENT = dict(iters=400, batch=64, lr=2e-3, min_lr=2e-3, warmup=10, seed=2)
 
 
 def _python() -> str:
@@ -57,6 +60,10 @@ def sft(which: str, recipe: dict, out: Path, log) -> None:
            "--global-batch-size", str(recipe["batch"]), "--micro-batch-size", str(recipe["batch"]),
            "--lr", str(recipe["lr"]), "--min-lr", str(recipe["min_lr"]), "--lr-warmup-iters", str(recipe["warmup"]),
            "--seed", str(recipe["seed"]), "--log-interval", "50", "--save", str(out)]
+    if "decay_iters" in recipe:
+        cmd += ["--lr-decay-iters", str(recipe["decay_iters"])]
+    if "load" in recipe:
+        cmd += ["--load", str(out.parent / recipe["load"])]
     _run(cmd, log, prefix="[sft]")
     stamp.write_text(json.dumps(want))
     log(f"[prepare] {which}: done in {time.perf_counter() - t0:.0f} s")
@@ -87,9 +94,10 @@ def prepare(out: Path, log=print) -> dict:
         subprocess.run([_python(), str(HERE / "task.py"), "--out", str(DATA)], check=True, env=_env())
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "prepare_summary.json"
+    sft("teacher", TEACHER_STAGE1, out / "teacher_stage1", log)
     sft("teacher", TEACHER, out / "teacher", log)
     sft("student", STUDENT, out / "student", log)
-    key = {"teacher": TEACHER, "student": STUDENT}
+    key = {"teacher_stage1": TEACHER_STAGE1, "teacher": TEACHER, "student": STUDENT}
     if summary_path.is_file():
         cached = json.loads(summary_path.read_text())
         if cached.get("recipes") == key:

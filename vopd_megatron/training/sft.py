@@ -13,6 +13,10 @@ to every completion so the model learns to stop. Rows are visited in a seeded
 per-epoch shuffle; each iteration takes `--global-batch-size` of them, split
 over data-parallel ranks like `vopd-train`.
 
+`--load DIR` starts from a checkpoint's weights (a fresh optimizer and LR
+schedule): a recipe in stages. `--lr-decay-iters` longer than `--train-iters`
+stops partway along a longer schedule.
+
 Normalisation is Megatron's `calculate_per_token_loss`: the loss function
 returns `(sum of token losses, completion tokens)`, and `finalize_model_grads`
 divides the summed gradients by the global token count, so the gradient is the
@@ -169,7 +173,7 @@ def main(argv=None):
     from megatron.core import parallel_state
 
     from ..data import load_tokenizer
-    from .checkpoint import save_checkpoint
+    from .checkpoint import load_model_weights, save_checkpoint
     from .setup import initialize_parallel
     from .train import dp_microbatches, init_distributed
 
@@ -183,6 +187,8 @@ def main(argv=None):
     init_distributed()
     initialize_parallel(run)
     model, optimizer, scheduler = build_student(run)
+    if run.checkpoint.load:  # weights only: continue from an earlier stage with a fresh optimizer
+        load_model_weights(run.checkpoint.load, [model])
     device = next(model.parameters()).device
     rank0 = dist.get_rank() == 0
     if rank0:
