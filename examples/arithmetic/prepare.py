@@ -34,7 +34,7 @@ DATA = HERE / "data"
 #: 150 more from those weights with a fresh optimizer and a short cosine decay.
 TEACHER_STAGE1 = dict(iters=400, decay_iters=1000, batch=64, lr=2e-3, min_lr=1e-4, warmup=30, seed=1234)
 TEACHER = dict(iters=150, batch=64, lr=1e-3, min_lr=1e-4, warmup=0, seed=1235, load="teacher_stage1")
-STUDENT = dict(iters=400, batch=64, lr=2e-3, min_lr=2e-3, warmup=10, seed=2)
+STUDENT = dict(iters=300, batch=64, lr=2e-3, min_lr=2e-3, warmup=10, seed=2)
 
 
 def _python() -> str:
