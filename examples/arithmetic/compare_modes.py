@@ -111,8 +111,14 @@ def exact_variance(recipe: dict, prep: dict, out: Path) -> dict:
 
 
 def time_baselines(n_tokens: int, vocab: int, top_k: int, repeats: int = 20) -> dict:
-    """Median seconds of one loss call (forward + backward) per mode, TP = 1, fp32, CPU."""
+    """Median seconds of one loss call (forward + backward) per mode, TP = 1, fp32, CPU.
+
+    One intra-op thread: on a shared machine, a spinning thread pool turns
+    millisecond calls into noise of 100 ms or more."""
     import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
 
     from vopd_megatron.loss import LossConfig, vocab_parallel_opd_loss
 
@@ -132,6 +138,7 @@ def time_baselines(n_tokens: int, vocab: int, top_k: int, repeats: int = 20) -> 
             loss_sum.backward()
             if i >= 2:  # warm-up rounds
                 times[mode].append(time.perf_counter() - t0)
+    torch.set_num_threads(threads)
     return {m: statistics.median(t) for m, t in times.items()}
 
 
@@ -139,7 +146,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--short", action="store_true", help="the quick demo: opd vs vopd, one seed, 8 steps")
     ap.add_argument("--modes", default=None, help="comma-separated subset (default: all six; --short: opd,vopd)")
-    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
+    ap.add_argument("--jobs", type=int, default=3, help="runs in parallel (one thread each)")
     ap.add_argument("--out", default=None, help="run directory (default runs/arithmetic/{full,short})")
     ap.add_argument("--report", default=None, help="Markdown report (default docs/arithmetic_report.md; "
                                                    "--short: <out>/report.md)")
@@ -171,10 +178,10 @@ def main(argv=None):
     timing = {"run_shape": {"tokens": n_run, "vocab": 23, **time_baselines(n_run, 23, recipe["top_k"])}}
     if not args.short:
         timing["llm_shape"] = {"tokens": 2048, "vocab": 32000,
-                               **time_baselines(2048, 32000, recipe["top_k"], repeats=5)}
+                               **time_baselines(2048, 32000, recipe["top_k"], repeats=7)}
     from report import write_report
 
-    command = "python examples/arithmetic/compare_modes.py" + (" --short" if args.short else "")
+    command = shlex.join(["python", "examples/arithmetic/compare_modes.py", *(sys.argv[1:] if argv is None else argv)])
     write_report(report, out, modes, recipe, prep, variance, timing, command,
                  wall_seconds=time.perf_counter() - t_start, short=args.short)
     print(f"[compare] report: {report} ({time.perf_counter() - t_start:.0f} s in all)", flush=True)
