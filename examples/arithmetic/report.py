@@ -8,8 +8,11 @@ targets against the numbers, saying PASS or FAIL with the evidence.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
 
 TARGETS = {"variance": 0.7, "kl_vs_full": 0.05, "topk_vs_vopd": 0.02}
 
@@ -154,7 +157,7 @@ def write_report(path: Path, out: Path, modes: list[str], recipe: dict, prep: di
         f"Produced by `{command}` on CPU (2 shared cores). The {len(modes) * len(recipe['seeds'])} runs took "
         f"{run_seconds / 60:.1f} min together (each its own process; `--jobs` of them at a time); the last "
         f"invocation took {wall_seconds / 60:.1f} min (finished runs are cached and not re-run). "
-        "Setup: [examples/arithmetic](../examples/arithmetic/README.md).",
+        f"Setup: [examples/arithmetic]({os.path.relpath(HERE / 'README.md', path.parent)}).",
         "",
         "**Task.** `a+b=` with 2–3 digit operands, a column-by-column worked solution, answer in `\\boxed{}`; "
         "character-level tokenizer (23 tokens). Teacher: 4 layers, hidden 128; student: 2 layers, hidden 64, "
