@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from vopd_megatron.config.schema import EvalArgs, ModelArgs, ParallelArgs, RunConfig, TrainArgs, DistillArgs
+from vopd_megatron.config.schema import DistillArgs, EvalArgs, ModelArgs, ParallelArgs, RunConfig, TrainArgs
 from vopd_megatron.eval import EvalProblem
 from vopd_megatron.loss import LossConfig
 from vopd_megatron.loss.reference import reference_token_terms
@@ -126,6 +126,8 @@ def test_training_with_eval_equals_training_without(tmp_path):
     for a, b in zip(plain, train_lines):  # bit-identical training curves
         for key in ("loss", "kl", "grad_norm", "log_ratio", "student_logprob"):
             assert a[key] == b[key], (key, a[key], b[key])
+        # the tiny config has no EOS: every rollout runs to --rollout-max-new-tokens and is flagged
+        assert a["rollout/hit_max_length"] == 1.0 and a["rollout/completion_tokens"] == 8
     for line in eval_lines:
         assert line["eval/reverse_kl"] > 0
         assert line["eval/completion_tokens"] == 6 and line["eval/hit_max_length"] == 1.0

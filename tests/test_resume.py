@@ -87,8 +87,8 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 def torchrun_cmd(tmp, name, nproc, *extra):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "-m", "vopd_megatron.training.train", "--config", "examples/tiny/config.yaml",
-            # The rollout file: PP2 has no on-policy sampler yet, and a fixed batch
-            # isolates what is compared here (the resharded weights).
+            # The rollout file: a fixed batch isolates what is compared here
+            # (the resharded weights), independent of per-layout sampling.
             "--prompt-data", "", "--rollout-data", "examples/tiny/rollouts.jsonl",
             "--tensorboard-dir", str(tmp / f"tb_{name}"), *extra]
 

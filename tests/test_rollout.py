@@ -122,6 +122,49 @@ def case_first_token_counts(seed, prompt, taus, n_draws):
     return _with_tp(2, run)
 
 
+LETTERS = "abcdefghij"
+
+
+def letter_tokenizer(directory):
+    """TRUE_VOCAB tokens: 10 letters and 40 letter pairs, decoded by plain
+    concatenation, so one text has many segmentations (a stop string can be
+    written with tokens other than its own encoding)."""
+    import os
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from vopd_megatron.data import load_tokenizer
+
+    words = list(LETTERS) + [a + b for a in LETTERS for b in LETTERS][:TRUE_VOCAB - len(LETTERS)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.Fuse()
+    path = os.path.join(directory, "letters.json")
+    tok.save(path)
+    return load_tokenizer(path)
+
+
+def case_stop_strings(seed, backend, directory):
+    """A free run, and the same seed with a stop string taken from row 0's text."""
+    from vopd_megatron.rollout import RolloutSampler
+
+    tokenizer = letter_tokenizer(directory)
+    prompts = [[(7 * i + j) % TRUE_VOCAB for j in range(2 + i)] for i in range(6)]
+
+    def run():
+        model = _model(seed)
+        base = dict(max_new_tokens=12, backend=backend, max_batch_size=4)
+        free = RolloutSampler(model, SamplingConfig(**base), TRUE_VOCAB).generate(prompts, seed=5)
+        text = tokenizer.decode(free[0].completion_ids)
+        stop = text[len(text) // 2 : len(text) // 2 + 3]
+        cfg = SamplingConfig(**base, stop_strings=(stop,))
+        sampler = RolloutSampler(model, cfg, TRUE_VOCAB, tokenizer=tokenizer)
+        return dict(free=free, stop=stop, hints=sampler.config.stop_sequences,
+                    with_stop=sampler.generate(prompts, seed=5))
+
+    return _with_tp(2, run)
+
+
 def case_stops_and_logprobs(seed, backend, tau):
     """Free run vs runs with EOS / stop sequence; engine log-probs vs the training forward's."""
     from vopd_megatron.rollout import RolloutSampler
@@ -281,6 +324,33 @@ def test_eos_stop_max_length_and_logprobs(pool2, backend, tau):
     assert gap < LOGPROB_TOL
 
 
+@pytest.mark.parametrize("backend", ["engine", "loop"])
+def test_stop_strings_cut_the_decoded_text(pool2, backend, tmp_path):
+    r0, r1 = pool2.run(case_stop_strings, 4, backend, str(tmp_path))
+    assert r0["with_stop"] == r1["with_stop"], "TP ranks disagree"
+    tok = letter_tokenizer(str(tmp_path))
+    stop = r0["stop"]
+    # Word-level encoding reads the unsplit string as one unknown word: its
+    # "encoding" does not decode to the string, so no token hint is added and
+    # the stop rests on the text match alone.
+    assert stop not in tok.decode(tok.encode(stop, add_special_tokens=False)) and r0["hints"] == ()
+    cfg = SamplingConfig(12, stop_strings=(stop,))
+    for free, got in zip(r0["free"], r0["with_stop"]):
+        # Expected from the free run, by the plain definition: the shortest
+        # token prefix whose text contains the stop string.
+        text = tok.decode(free.completion_ids)
+        if stop in text:
+            n = next(n for n in range(1, 13) if stop in tok.decode(free.completion_ids[:n]))
+            assert got.completion_ids == free.completion_ids[:n] and not got.hit_max_length
+            assert tok.decode(got.completion_ids).find(stop) >= 0
+        else:
+            assert got.completion_ids == free.completion_ids and got.hit_max_length
+        assert got.logprobs == pytest.approx(free.logprobs[: len(got.logprobs)], abs=1e-6)
+        assert truncate(free.completion_ids, free.logprobs, cfg, tok.decode).completion_ids == got.completion_ids
+    flags = [c.hit_max_length for c in r0["with_stop"]]
+    assert not flags[0] and any(flags), "the test needs rows that stop and rows that do not"
+
+
 @pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
 def test_generate_then_train_step(pool2, tp):
     results = pool2.run(case_generate_then_train, tp)
@@ -293,6 +363,56 @@ def test_generate_then_train_step(pool2, tp):
     assert results[0]["first"] == results[1]["first"], "ranks returned different rollouts"
     losses = [x for r in results for x in r["losses"]]
     assert losses and all(x == x for x in losses)
+    # Max length: a completion that reaches max_new_tokens (6) without EOS (3)
+    # is flagged, and kept: every one of its tokens is in the loss mask.
+    from tests.test_train_step import SEQ as TRAIN_SEQ
+    from vopd_megatron.training.data import collate, rollout_stats
+
+    rollouts = results[0]["first"] + results[0]["second"]
+    for r in rollouts:
+        assert r.hit_max_length == (len(r.completion_ids) == 6 and 3 not in r.completion_ids)
+    hit = [r for r in rollouts if r.hit_max_length]
+    assert hit, "the test needs a completion that hits the limit"
+    mb = collate(hit, TRAIN_SEQ)
+    for i, r in enumerate(hit):
+        assert mb["loss_mask"][i].sum() == 6
+        assert mb["labels"][i][mb["loss_mask"][i] != 0].tolist() == r.completion_ids
+    stats = rollout_stats(rollouts)
+    assert stats["rollout/hit_max_length"] == len(hit) / len(rollouts)
+    assert stats["rollout/completion_tokens"] == sum(len(r.completion_ids) for r in rollouts) / len(rollouts)
+
+
+def case_pipeline_sampling(tp, pp, student_dir):
+    """Completions of the test_train_step student (loaded from a TP1·PP1 checkpoint) at TP x PP."""
+    from tests.test_train_step import VOCAB, _load, _setup, _teardown, run_config
+    from vopd_megatron.rollout import RolloutSampler
+
+    models = _setup(run_config(tp, pp))
+    try:
+        _load(models.student[0], student_dir)
+        sampler = RolloutSampler(models.student, SamplingConfig(max_new_tokens=6, temperature=0.8, eos_id=3,
+                                                                max_batch_size=2), VOCAB)
+        out = sampler.generate([[1, 2, 3], [4, 5], [7, 8, 9, 10], [11]], seed=3)
+        return [(c.completion_ids, c.logprobs, c.hit_max_length) for c in out]
+    finally:
+        _teardown()
+
+
+def test_pipeline_parallel_sampling_equals_pp1(gloo_pools, pool2, tmp_path):
+    """PP2 (the controller's pipeline path: stage-to-stage activations, last
+    stage's logits broadcast, every stage draws) samples exactly what PP1 does
+    on the same weights, on both stages."""
+    from tests.test_train_step import make_initial_weights
+
+    student_dir, teacher_dir = tmp_path / "student", tmp_path / "teacher"
+    student_dir.mkdir(), teacher_dir.mkdir()
+    gloo_pools(1).run(make_initial_weights, str(student_dir), str(teacher_dir))
+    pp1 = pool2.run(case_pipeline_sampling, 1, 1, str(student_dir))  # two DP ranks, same prompts
+    pp2 = pool2.run(case_pipeline_sampling, 1, 2, str(student_dir))
+    assert pp1[0] == pp1[1] and pp2[0] == pp2[1], "ranks disagree"
+    assert [c[0] for c in pp2[0]] == [c[0] for c in pp1[0]]
+    for (_, lp2, hit2), (_, lp1, hit1) in zip(pp2[0], pp1[0]):
+        assert hit2 == hit1 and max(abs(a - b) for a, b in zip(lp2, lp1)) < 1e-6
 
 
 # --- single-process units -----------------------------------------------------------------
@@ -306,6 +426,35 @@ def test_truncate_keeps_stop_token_and_flags_max_length():
     c = truncate([1, 2, 3, 4, 6, 7], [0.0] * 6, cfg)
     assert (c.completion_ids, c.hit_max_length) == ([1, 2, 3, 4, 6], True)
     assert stop_position([4], None, ((4, 5),)) is None
+
+
+def test_stop_string_token_hints(tmp_path):
+    from vopd_megatron.rollout.sampler import with_stop_string_hints
+
+    tok = letter_tokenizer(str(tmp_path))
+    ab = tok.encode("ab", add_special_tokens=False)
+    assert len(ab) == 1 and tok.decode(ab) == "ab"
+    cfg = with_stop_string_hints(SamplingConfig(4, stop_sequences=((3,),), stop_strings=("ab", "abc")), tok)
+    assert cfg.stop_sequences == ((3,), tuple(ab))  # "abc" encodes to <unk>: no hint
+
+
+def test_stop_string_inside_and_across_tokens():
+    vocab = ["a", "b", "</", "ans", "wer>", "</answer>", "x</answer>y", "!"]
+    decode = lambda ids: "".join(vocab[i] for i in ids)  # noqa: E731
+    cfg = SamplingConfig(max_new_tokens=6, eos_id=7, stop_strings=("</answer>",))
+    # written across three tokens: cut after the one that completes it
+    assert truncate([0, 2, 3, 4, 1, 1], [0.0] * 6, cfg, decode).completion_ids == [0, 2, 3, 4]
+    # inside one token: the whole token is kept (tokens are never split)
+    c = truncate([1, 6, 0, 0, 0, 0], [0.0] * 6, cfg, decode)
+    assert (c.completion_ids, c.hit_max_length) == ([1, 6], False)
+    # EOS first: EOS wins; no stop at all: kept whole and flagged
+    assert truncate([0, 7, 5, 0], [0.0] * 4, cfg, decode).completion_ids == [0, 7]
+    c = truncate([0, 1, 0, 1, 0, 1], [0.0] * 6, cfg, decode)
+    assert (len(c.completion_ids), c.hit_max_length) == (6, True)
+    with pytest.raises(ValueError, match="decode"):
+        truncate([0], [0.0], cfg)
+    with pytest.raises(ValueError):
+        SamplingConfig(max_new_tokens=4, stop_strings=("",))
 
 
 def test_sampling_config_validation():

@@ -8,10 +8,9 @@ py=${PYTHON:-.venv/bin/python}
 case "$nproc" in
   1) layout=() ;;
   2) layout=(--tensor-model-parallel-size 2) ;;
-  # On-policy sampling does not support PP > 1 yet: TP2 x PP2 trains on the
-  # rollout file (as if from an external sampler) instead.
-  4) layout=(--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
-             --prompt-data "" --rollout-data examples/tiny/rollouts.jsonl) ;;
+  # On-policy at TP2 x PP2 too (the sampler runs the pipeline). For rollouts
+  # from an external sampler instead: --prompt-data "" --rollout-data examples/tiny/rollouts.jsonl
+  4) layout=(--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2) ;;
   *) echo "usage: $0 [1|2|4] [flags...]" >&2; exit 2 ;;
 esac
 out=runs/tiny/np$nproc

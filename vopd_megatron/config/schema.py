@@ -220,6 +220,10 @@ class DataArgs:
     """0.0 = unfiltered sampling (what the OPD/vOPD estimators assume)."""
     eos_id: int | None = None
     """End-of-sequence token id: an on-policy completion stops after it."""
+    rollout_stop: str | None = None
+    """Stop string: a completion (rollouts and evaluation) ends after the token that
+    completes it in the decoded text; several as a JSON list, e.g. '["</answer>", "\\n\\n"]'.
+    Needs --tokenizer-model."""
     rollout_batch_size: int = 64
     """Prompts per static generation batch."""
     tokenizer_model: str | None = None
@@ -311,17 +315,16 @@ class RunConfig:
         d = self.data
         if d.rollout_data and d.prompt_data:
             raise ConfigError("give either --rollout-data (external rollouts) or --prompt-data (on-policy), not both")
-        if d.prompt_data and pp > 1:
-            raise ConfigError(
-                "on-policy sampling (--prompt-data) does not support --pipeline-model-parallel-size > 1 yet; "
-                "use --rollout-data with rollouts from an external sampler"
-            )
+        if d.rollout_stop is not None:
+            self.data_stop_strings()  # raises on a malformed list
+            if not d.tokenizer_model:
+                raise ConfigError("--rollout-stop needs --tokenizer-model (stop strings are matched on decoded text)")
         if d.prompt_data and not 1 <= d.rollout_max_new_tokens < self.model.seq_length:
             raise ConfigError(
                 f"--rollout-max-new-tokens {d.rollout_max_new_tokens} must be in [1, --seq-length "
                 f"{self.model.seq_length}): the prompt needs room in the sequence"
             )
-        self._validate_eval(pp)
+        self._validate_eval()
         if t.lr_decay_style not in ("constant", "linear", "cosine"):
             raise ConfigError(f"unknown --lr-decay-style {t.lr_decay_style!r}")
         if p.sequence_parallel and tp == 1:
@@ -331,7 +334,7 @@ class RunConfig:
         return self
 
 
-    def _validate_eval(self, pp: int) -> None:
+    def _validate_eval(self) -> None:
         e = self.eval
         if e.eval_interval < 0:
             raise ConfigError(f"--eval-interval {e.eval_interval} must be >= 0 (0 = never)")
@@ -339,9 +342,6 @@ class RunConfig:
             raise ConfigError("--eval-interval needs --eval-data")
         if not e.eval_data:
             return
-        if pp > 1:
-            raise ConfigError("evaluation (--eval-data) samples in process and does not support "
-                              "--pipeline-model-parallel-size > 1 yet")
         if e.eval_samples < 1:
             raise ConfigError(f"--eval-samples {e.eval_samples} must be >= 1")
         if e.eval_pass_k is not None and not 1 <= e.eval_pass_k <= e.eval_samples:
@@ -354,6 +354,23 @@ class RunConfig:
         if not 1 <= n < self.model.seq_length:
             raise ConfigError(f"--eval-max-new-tokens {n} must be in [1, --seq-length {self.model.seq_length}): "
                               "the problem needs room in the sequence")
+
+    def data_stop_strings(self) -> tuple[str, ...]:
+        """--rollout-stop as a tuple of strings: one string, or a JSON list of strings."""
+        raw = self.data.rollout_stop
+        if raw is None or raw == "":
+            return ()
+        if raw.lstrip().startswith("["):
+            import json
+
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"--rollout-stop {raw!r} starts with '[' but is not a JSON list ({exc})") from None
+            if not (isinstance(value, list) and value and all(isinstance(x, str) and x for x in value)):
+                raise ConfigError(f"--rollout-stop {raw!r}: expected a JSON list of non-empty strings")
+            return tuple(value)
+        return (raw,)
 
     @property
     def eval_max_new_tokens(self) -> int:

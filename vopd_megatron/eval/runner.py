@@ -58,7 +58,7 @@ class Evaluator:
         self.run, self.models, self.problems = run, models, problems
         self.samples, self.pass_k = samples, pass_k or samples
         self.tokenizer, self.seed, self.dp_group = tokenizer, seed, dp_group
-        self.sampler = RolloutSampler(models.student, sampling, run.model.vocab_size)
+        self.sampler = RolloutSampler(models.student, sampling, run.model.vocab_size, tokenizer=tokenizer)
 
     def _dp(self) -> tuple[int, int]:
         if self.dp_group is None:
@@ -148,17 +148,15 @@ class Evaluator:
 
 def eval_sampling_config(run, tokenizer) -> SamplingConfig:
     """Evaluation sampling: unfiltered, at --eval-temperature, --eval-max-new-tokens,
-    with the rollouts' EOS and batch size."""
+    with the rollouts' EOS, stop strings and batch size."""
     d = run.data
     eos_id = d.eos_id if d.eos_id is not None else (tokenizer.eos_id if tokenizer else None)
     return SamplingConfig(max_new_tokens=run.eval_max_new_tokens, temperature=run.eval_temperature,
-                          eos_id=eos_id, max_batch_size=d.rollout_batch_size)
+                          eos_id=eos_id, max_batch_size=d.rollout_batch_size, stop_strings=run.data_stop_strings())
 
 
-def build_evaluator(run, models, tokenizer, *, log=print) -> Evaluator:
-    """The Evaluator of a run's --eval-* flags (problems loaded and tokenized here)."""
-    from megatron.core import parallel_state
-
+def load_run_problems(run, tokenizer, *, log=print) -> list[EvalProblem]:
+    """The problems of a run's --eval-data, tokenized as its training prompts are (count printed)."""
     from .problems import load_eval_problems
 
     e = run.eval
@@ -170,6 +168,14 @@ def build_evaluator(run, models, tokenizer, *, log=print) -> Evaluator:
     log(f"[vopd] eval: {report['kept']}/{report['total']} problems from {e.eval_data}; "
         f"{report['skipped_too_long']} skipped as longer than {budget} tokens; {e.eval_samples} sample(s) each"
         + ("" if tokenizer is not None else "; no tokenizer: reverse KL and lengths only, no grading"))
+    return problems
+
+
+def build_evaluator(run, models, tokenizer, problems: list[EvalProblem]) -> Evaluator:
+    """The Evaluator of a run's --eval-* flags over already loaded problems."""
+    from megatron.core import parallel_state
+
+    e = run.eval
     return Evaluator(run, models, problems, eval_sampling_config(run, tokenizer), samples=e.eval_samples,
                      pass_k=e.eval_pass_k, tokenizer=tokenizer, seed=run.train.seed,
                      dp_group=parallel_state.get_data_parallel_group())

@@ -37,6 +37,9 @@ The redirections, narrowest first:
    uses streams (0.16 `default_stream`, 0.19 `current_stream`); `Event` times.
    Safe process-wide because without a GPU each of these raises: only failing
    calls change. (Distinct functions: torch.compile rejects aliases.)
+5. `megatron.core.inference.communication_utils._is_cuda` (an `is_cuda`
+   assertion before the pipeline-parallel send/recv/broadcast of static
+   inference) -> a not-None check, for PP > 1 sampling.
 
 Not covered (they fail loudly, as before): Transformer Engine and apex, fused
 kernels (`apply_rope_fusion`, `gradient_accumulation_fusion`), the dynamic
@@ -85,6 +88,9 @@ def enable() -> bool:
         _wrap(module_name, qualname, _run_as_if_cuda)
     for name, standin in _CUDA_STANDINS.items():
         setattr(torch.cuda, name, standin)
+    comm = _import("megatron.core.inference.communication_utils")
+    if comm is not None and hasattr(comm, "_is_cuda"):
+        _replace(comm, "_is_cuda", _is_tensor)  # 5. inference p2p / broadcast checks
     _active = True
     return True
 
@@ -280,6 +286,15 @@ _CUDA_STANDINS = {
     "Stream": _CpuStream,
     "Event": _CpuEvent,
 }
+
+
+# --- 5. inference communication checks ----------------------------------------------
+
+
+def _is_tensor(tensor) -> None:
+    """Stands in for `inference.communication_utils._is_cuda`, which asserts `tensor.is_cuda`
+    before the pipeline-parallel send/recv/broadcast of static inference (PP > 1 sampling)."""
+    assert tensor is not None
 
 
 # --- patching helpers ---------------------------------------------------------------

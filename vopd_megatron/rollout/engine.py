@@ -25,6 +25,12 @@ Three behaviours of Megatron's static controller are adjusted, each in one place
 3. Its sampling generator is seeded once from the model config; here it is
    the sampler's generator, seeded per `generate` call.
 
+Pipeline parallelism (PP > 1) uses the controller's own pipeline path: every
+stage runs `generate` together, activations go stage to stage by send/recv,
+the last stage's policy logits are broadcast to all stages and each stage
+draws the same tokens from the same seeded generator (tested against PP = 1
+on the same weights: identical tokens and log-probs).
+
 The KV cache lives in a `StaticInferenceContext` built per batch and cleared
 when the batch returns.
 """
@@ -68,7 +74,14 @@ class _PolicyLogitsWrapper(GPTInferenceWrapper):
         logits = super().run_one_forward_step(inference_input, *args, **kwargs)  # [b, s, V_padded]
         if logits is None:  # not the last pipeline stage
             return None
-        return policy_logits(logits, self.temperature, self.true_vocab_size)
+        z = policy_logits(logits, self.temperature, self.true_vocab_size)  # fp32
+        if getattr(self, "model_is_pipeline_parallel", False):
+            # The controller broadcasts the last stage's logits to every stage in
+            # the model's params_dtype (asserted): with bf16 params the policy
+            # logits are rounded to bf16 first (all stages still draw the same tokens).
+            config = getattr(self, "config", None)
+            z = z.to(config.params_dtype if config is not None else logits.dtype)
+        return z
 
 
 class _RolloutController(TextGenerationController):

@@ -29,19 +29,21 @@ Shared by both:
   TP group (bitwise identical on its ranks), so every TP rank draws the same
   tokens. All ranks of a TP group must call
   `generate` with the same prompts and seed (the forward has collectives).
-- `truncate`: a completion ends after its first EOS or stop sequence, which
-  are kept; one with neither within `max_new_tokens` is kept whole and
+- `truncate`: a completion ends after its first EOS, stop sequence or stop
+  string (matched on the decoded text; the token that completes it and all
+  before it are kept); one with neither within `max_new_tokens` is kept whole and
   flagged `hit_max_length`.
 - `_generation_state`: eval mode while generating, every module's training
   flag restored afterwards, Megatron 0.19's process-global `InferenceMode`
   unset (MEGATRON_ON_CPU.md trap 5), the global RNG untouched, the KV cache
   dropped (and the CUDA cache emptied) when the call returns.
 
-Pipeline parallelism (PP > 1) is not supported yet: see docs/rollout.md.
+Pipeline parallelism (PP > 1): engine backend only (Megatron's controller pipeline path, see engine.py).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -84,6 +86,10 @@ class SamplingConfig:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     """Token sequences that also end a completion (kept), matched inside the completion only."""
 
+    stop_strings: tuple[str, ...] = ()
+    """Text that ends a completion, matched on the decoded completion (needs a tokenizer
+    in RolloutSampler); the completion is cut after the token that completes the string."""
+
     max_batch_size: int = 64
     """Prompts per static batch (rows of the KV cache)."""
 
@@ -103,6 +109,8 @@ class SamplingConfig:
             raise ValueError("top_k and top_p cannot both be set (Megatron's sampler allows one)")
         if any(len(s) == 0 for s in self.stop_sequences):
             raise ValueError("stop_sequences must not contain an empty sequence")
+        if any(not isinstance(s, str) or s == "" for s in self.stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size!r}")
         if self.backend not in BACKENDS:
@@ -146,18 +154,68 @@ def stop_position(ids: list[int], eos_id: int | None, stop_sequences) -> int | N
     return None
 
 
-def truncate(ids: list[int], logprobs: list[float], config: SamplingConfig) -> Completion:
-    """Cut a raw completion after its first EOS / stop sequence, or at max_new_tokens."""
+def stop_string_position(ids: list[int], decode, stop_strings) -> int | None:
+    """Index of the token that completes the first stop string in `decode(ids)`, or None.
+
+    The text of a token prefix grows with the prefix, so the first prefix whose
+    text contains a stop string is found by bisection: O(log n) decodes of
+    prefixes rather than one per token."""
+    if not stop_strings or not ids:
+        return None
+
+    def contains(n: int) -> bool:
+        text = decode(ids[:n])
+        return any(s in text for s in stop_strings)
+
+    if not contains(len(ids)):
+        return None
+    lo, hi = 1, len(ids)  # contains(hi) holds; find the smallest such n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if contains(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo - 1
+
+
+def truncate(ids: list[int], logprobs: list[float], config: SamplingConfig, decode=None) -> Completion:
+    """Cut a raw completion after its first EOS / stop sequence / stop string, or at max_new_tokens.
+
+    decode: token ids -> text, needed when `config.stop_strings` is set."""
     ids, logprobs = list(ids)[: config.max_new_tokens], list(logprobs)[: config.max_new_tokens]
     if len(ids) != len(logprobs):
         raise RuntimeError(f"backend returned {len(ids)} tokens but {len(logprobs)} log-probs")
     end = stop_position(ids, config.eos_id, config.stop_sequences)
+    if config.stop_strings:
+        if decode is None:
+            raise ValueError("stop_strings need a decode function (a tokenizer)")
+        text_end = stop_string_position(ids if end is None else ids[: end + 1], decode, config.stop_strings)
+        if text_end is not None:
+            end = text_end
     if end is not None:
         return Completion(ids[: end + 1], logprobs[: end + 1], hit_max_length=False)
     if len(ids) != config.max_new_tokens:
         raise RuntimeError(f"backend stopped after {len(ids)} < {config.max_new_tokens} tokens "
                            "without an EOS or stop sequence")
     return Completion(ids, logprobs, hit_max_length=True)
+
+
+def with_stop_string_hints(config: SamplingConfig, tokenizer) -> SamplingConfig:
+    """`config` whose token stop sequences also hold each stop string's own encoding.
+
+    The engine can only stop on tokens. The canonical encoding of a stop string
+    lets generation end early when the model writes the string the usual way;
+    the same text written with other tokens (or inside a larger token) is still
+    found by `truncate`'s text match, only generation runs on to EOS or the limit
+    first. Correctness rests on the text match alone."""
+    hints = []
+    for text in config.stop_strings:
+        ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+        if ids and tokenizer.decode(list(ids), skip_special_tokens=False).find(text) >= 0:
+            hints.append(ids)  # only encodings whose text really contains the string
+    extra = tuple(h for h in dict.fromkeys(hints) if h not in config.stop_sequences)
+    return dataclasses.replace(config, stop_sequences=config.stop_sequences + extra)
 
 
 def _strip_ddp(module):
@@ -227,17 +285,24 @@ class RolloutSampler:
     loss_mode: the training loss mode; filtered sampling with a sampled mode warns.
     """
 
-    def __init__(self, model_chunks, config: SamplingConfig, vocab_size: int, loss_mode: str | None = None):
+    def __init__(self, model_chunks, config: SamplingConfig, vocab_size: int, loss_mode: str | None = None,
+                 tokenizer=None):
         chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
         if len(chunks) != 1:
             raise NotImplementedError("rollouts with virtual pipeline stages (several model chunks) "
                                       "are not supported")
         from megatron.core import parallel_state
 
-        if parallel_state.model_parallel_is_initialized() and \
+        if config.backend == "loop" and parallel_state.model_parallel_is_initialized() and \
                 parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise NotImplementedError("in-process rollouts support PP=1 only (any TP); see docs/rollout.md")
+            raise NotImplementedError("the 'loop' backend supports PP=1 only; the engine backend handles PP > 1")
         self.model = _strip_ddp(chunks[0])
+        self.decode = None
+        if config.stop_strings:
+            if tokenizer is None:
+                raise ValueError("stop strings need a tokenizer (set --tokenizer-model)")
+            self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+            config = with_stop_string_hints(config, tokenizer)
         self.config = config
         self.vocab_size = int(vocab_size)
         from megatron.core.utils import unwrap_model
@@ -275,4 +340,4 @@ class RolloutSampler:
                 generator.manual_seed(mix_seed(seed, start))
                 batch = [list(p) for p in prompts[start : start + cfg.max_batch_size]]
                 raw += backend(self.model, batch, cfg, self.vocab_size, generator)
-        return [truncate(ids, lps, cfg) for ids, lps in raw]
+        return [truncate(ids, lps, cfg, self.decode) for ids, lps in raw]

@@ -54,13 +54,13 @@ class OnPolicyRolloutSource:
         rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
         lo, hi = rank * n // dp, (rank + 1) * n // dp
         completions = self.sampler.generate(prompts[lo:hi], seed=mix_seed(self.seed, self._consumed, rank))
-        mine = [(c.completion_ids, c.logprobs) for c in completions]
+        mine = [(c.completion_ids, c.logprobs, c.hit_max_length) for c in completions]
         if dp > 1:
             pieces = [None] * dp
             dist.all_gather_object(pieces, mine, group=self.dp_group)
             mine = [x for piece in pieces for x in piece]
         self._consumed += n
-        return [Rollout(list(p), ids, lps) for p, (ids, lps) in zip(prompts, mine)]
+        return [Rollout(list(p), ids, lps, hit) for p, (ids, lps, hit) in zip(prompts, mine)]
 
     @property
     def consumed(self) -> int:

@@ -26,6 +26,19 @@ class Rollout:
     completion_ids: list[int]
     logprobs: list[float] | None = None
     """log mu(a) of each completion token under the sampling engine."""
+    hit_max_length: bool | None = None
+    """The sampler reached its token limit without EOS / stop (kept, trained on,
+    counted in `rollout/hit_max_length`); None: unknown (rollout files)."""
+
+
+def rollout_stats(rollouts: list[Rollout]) -> dict[str, float]:
+    """`rollout/completion_tokens` (mean) and, when the sampler flagged them,
+    `rollout/hit_max_length` (fraction) of a step's rollouts."""
+    out = {"rollout/completion_tokens": sum(len(r.completion_ids) for r in rollouts) / max(1, len(rollouts))}
+    flags = [r.hit_max_length for r in rollouts if r.hit_max_length is not None]
+    if flags:
+        out["rollout/hit_max_length"] = sum(flags) / len(flags)
+    return out
 
 
 class RolloutSource(Protocol):

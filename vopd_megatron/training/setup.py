@@ -28,9 +28,9 @@ def initialize_parallel(run: RunConfig) -> None:
 
 @dataclass
 class Models:
-    stages: list  # [DistillationStage], what the pipeline schedule runs
+    stages: list  # [DistillationStage], what the pipeline schedule runs ([] without a teacher)
     student: list  # [DDP(student stage)], what the optimizer and checkpoints see
-    teacher: torch.nn.Module  # this rank's frozen teacher stage
+    teacher: torch.nn.Module | None  # this rank's frozen teacher stage (None: student only, e.g. vopd-eval)
 
 
 def _maybe_fp16(module, config, bf16):
@@ -39,11 +39,13 @@ def _maybe_fp16(module, config, bf16):
     return Float16Module(config, module) if bf16 else module
 
 
-def build_models(run: RunConfig, teacher_seed_offset: int = 1) -> Models:
+def build_models(run: RunConfig, teacher_seed_offset: int = 1, with_teacher: bool = True) -> Models:
     """The student (DDP-wrapped) and teacher stages of this rank.
 
     The teacher is built with a different seed (it is normally loaded from
-    `--teacher-load` right after) and never receives gradients.
+    `--teacher-load` right after) and never receives gradients. Without it
+    (`with_teacher=False`: evaluation of a student alone) there are no
+    distillation stages.
     """
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -54,17 +56,19 @@ def build_models(run: RunConfig, teacher_seed_offset: int = 1) -> Models:
 
     s_cfg = transformer_config(run.model, run.parallel, run.train)
     student = build_gpt_stage(run.model, run.parallel, run.train, pre, post, config=s_cfg).to(device)
-    tensor_parallel.model_parallel_cuda_manual_seed(run.train.seed + teacher_seed_offset)
-    t_cfg = transformer_config(run.teacher, run.parallel, run.train)
-    teacher = build_gpt_stage(run.teacher, run.parallel, run.train, pre, post, config=t_cfg).to(device)
-    tensor_parallel.model_parallel_cuda_manual_seed(run.train.seed)  # training RNG streams
-    teacher = _maybe_fp16(teacher, t_cfg, run.train.bf16).eval().requires_grad_(False)
-
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=run.parallel.use_distributed_optimizer,
     )
+    if not with_teacher:
+        student = DistributedDataParallel(s_cfg, ddp_config, _maybe_fp16(student, s_cfg, run.train.bf16))
+        return Models(stages=[], student=[student], teacher=None)
+    tensor_parallel.model_parallel_cuda_manual_seed(run.train.seed + teacher_seed_offset)
+    t_cfg = transformer_config(run.teacher, run.parallel, run.train)
+    teacher = build_gpt_stage(run.teacher, run.parallel, run.train, pre, post, config=t_cfg).to(device)
+    tensor_parallel.model_parallel_cuda_manual_seed(run.train.seed)  # training RNG streams
+    teacher = _maybe_fp16(teacher, t_cfg, run.train.bf16).eval().requires_grad_(False)
     student = DistributedDataParallel(s_cfg, ddp_config, _maybe_fp16(student, s_cfg, run.train.bf16))
     return Models(stages=[DistillationStage(student, teacher)], student=[student], teacher=teacher)
 

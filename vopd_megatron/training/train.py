@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -21,8 +22,9 @@ import torch.distributed as dist
 
 from ..config import parse_config
 from ..config.args import to_flat_dict
+from ..config.schema import ConfigError
 from ..data import check_compatible, load_prompt_dataset, load_tokenizer
-from .data import JsonlRolloutSource, collate
+from .data import JsonlRolloutSource, collate, rollout_stats
 
 
 def init_distributed() -> int:
@@ -65,33 +67,63 @@ def run_tokenizer(run):
     return tokenizer
 
 
-def rollout_source(run, models, tokenizer):
-    """On-policy sampling from the student (--prompt-data) or a rollout file (--rollout-data)."""
+@dataclass
+class RunInputs:
+    """Everything a run reads from files before any process group or model exists,
+    so that bad data fails in seconds with a message, not after the build."""
+
+    tokenizer: object | None
+    prompts: list[list[int]] | None  # --prompt-data, tokenized
+    rollout_file: JsonlRolloutSource | None  # --rollout-data
+    eval_problems: list | None  # --eval-data (only when --eval-interval > 0)
+
+
+def load_inputs(run, evaluate: bool) -> RunInputs:
+    """Tokenizer (checked against the teacher's), prompts or rollout file, eval problems.
+    Raises ValueError / FileNotFoundError naming the file and the problem."""
     d = run.data
+    tokenizer = run_tokenizer(run)
+    prompts = rollout_file = problems = None
     if d.rollout_data:
-        return JsonlRolloutSource(d.rollout_data, vocab_size=run.model.vocab_size)
+        rollout_file = JsonlRolloutSource(d.rollout_data, vocab_size=run.model.vocab_size)
+    elif d.prompt_data:
+        budget = run.model.seq_length + 1 - d.rollout_max_new_tokens
+        prompts, report = load_prompt_dataset(d.prompt_data, tokenizer, budget, prompt_field=d.prompt_field,
+                                              use_chat_template=d.apply_chat_template,
+                                              vocab_size=run.model.vocab_size)
+        rank0_print(f"[vopd] {report['kept']}/{report['total']} prompts from {d.prompt_data}; "
+                    f"{report['skipped_too_long']} skipped as longer than {budget} tokens")
+    if evaluate:
+        from ..eval import load_run_problems
+
+        problems = load_run_problems(run, tokenizer, log=rank0_print)
+    return RunInputs(tokenizer, prompts, rollout_file, problems)
+
+
+def rollout_source(run, models, inputs: RunInputs):
+    """On-policy sampling from the student (--prompt-data) or a rollout file (--rollout-data)."""
+    if inputs.rollout_file is not None:
+        return inputs.rollout_file
     from megatron.core import parallel_state
 
     from ..rollout import OnPolicyRolloutSource, RolloutSampler, SamplingConfig
 
-    budget = run.model.seq_length + 1 - d.rollout_max_new_tokens
-    prompts, report = load_prompt_dataset(d.prompt_data, tokenizer, budget, prompt_field=d.prompt_field,
-                                          use_chat_template=d.apply_chat_template, vocab_size=run.model.vocab_size)
-    if dist.get_rank() == 0:
-        print(f"[vopd] {report['kept']}/{report['total']} prompts from {d.prompt_data}; "
-              f"{report['skipped_too_long']} skipped as longer than {budget} tokens", flush=True)
+    d, tokenizer = run.data, inputs.tokenizer
     eos_id = d.eos_id if d.eos_id is not None else (tokenizer.eos_id if tokenizer else None)
     sampling = SamplingConfig(
         max_new_tokens=d.rollout_max_new_tokens, temperature=run.distill.vopd_temperature,
         top_k=d.rollout_top_k, top_p=d.rollout_top_p, eos_id=eos_id, max_batch_size=d.rollout_batch_size,
+        stop_strings=run.data_stop_strings(),
     )
-    sampler = RolloutSampler(models.student, sampling, run.model.vocab_size, loss_mode=run.distill.vopd_loss)
-    return OnPolicyRolloutSource(sampler, prompts, seed=run.train.seed,
+    sampler = RolloutSampler(models.student, sampling, run.model.vocab_size, loss_mode=run.distill.vopd_loss,
+                             tokenizer=tokenizer)
+    return OnPolicyRolloutSource(sampler, inputs.prompts, seed=run.train.seed,
                                  dp_group=parallel_state.get_data_parallel_group())
 
 
 def rank0_print(message: str) -> None:
-    if dist.get_rank() == 0:
+    """Print on global rank 0 (from torchrun's environment: works before the process group exists)."""
+    if int(os.environ.get("RANK", 0)) == 0:
         print(message, flush=True)
 
 
@@ -109,10 +141,14 @@ def main(argv=None):
                                   else int(os.environ.get("WORLD_SIZE", 1)))
         run.validate(world)
         return dry_run(run, ns, world)
-    run.validate(int(os.environ.get("WORLD_SIZE", 1)))
     if not (run.data.rollout_data or run.data.prompt_data):
         raise SystemExit("error: give --prompt-data (on-policy: the student samples) "
                          "or --rollout-data (rollouts from an external sampler)")
+    try:  # bad flags or data: a one-line error before anything is built
+        run.validate(int(os.environ.get("WORLD_SIZE", 1)))
+        inputs = load_inputs(run, evaluate=bool(run.eval.eval_interval))
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
 
     from .checkpoint import load_checkpoint, load_model_weights, save_checkpoint
     from .logging import StepLogger
@@ -135,15 +171,14 @@ def main(argv=None):
     elif ck.load:
         state = load_checkpoint(ck.load, models.student, optimizer, scheduler)
     start = state["iteration"] if state else 0
-    tokenizer = run_tokenizer(run)
-    source = rollout_source(run, models, tokenizer)
+    source = rollout_source(run, models, inputs)
     source.seek(state["consumed_samples"] if state else 0)
     logger = StepLogger(run.logging.tensorboard_dir, run.logging.log_interval, to_flat_dict(run))
     evaluator = None
-    if run.eval.eval_interval:
+    if inputs.eval_problems is not None:
         from ..eval import build_evaluator
 
-        evaluator = build_evaluator(run, models, tokenizer, log=rank0_print)
+        evaluator = build_evaluator(run, models, inputs.tokenizer, inputs.eval_problems)
     if dist.get_rank() == 0:
         print(f"[vopd] world {world}: TP {run.parallel.tensor_model_parallel_size} x "
               f"PP {run.parallel.pipeline_model_parallel_size} x DP {run.data_parallel_size(world)}, "
@@ -163,6 +198,7 @@ def main(argv=None):
         for _ in range(run.distill.vopd_updates_per_batch):  # >1: PPO-clipped reuse of the batch
             result = train_step(models, optimizer, scheduler, microbatches, run, loss_config)
         result.seconds["rollout"] = rollout_s
+        result.metrics.update(rollout_stats(rollouts))
         logger.log(iteration, result)
         last = iteration == run.train.train_iters
         if evaluator is not None and (iteration % interval == 0 or last):

@@ -1,0 +1,96 @@
+"""`vopd-eval`: evaluate a student checkpoint on problems with reference answers.
+
+Takes the same model flags / `--config` as vopd-train and any checkpoint that
+vopd-train or vopd-convert writes (`--load DIR`, loaded weights-only at any
+TP layout); samples `--eval-samples` completions per problem of `--eval-data`,
+grades them with math-verify (needs `--tokenizer-model` to decode), and with
+`--teacher-load` also measures the reverse KL to the teacher. Prints a table;
+`--eval-output DIR` gets `summary.json` and `problems.jsonl` (one record per
+problem: completions, extracted answers, correctness, majority answer).
+
+    vopd-eval --config examples/tiny/config.yaml --load runs/tiny/np1/checkpoints \\
+              --eval-data examples/tiny/eval.jsonl --eval-samples 4 --eval-output runs/tiny/eval
+    torchrun --nproc-per-node 2 -m vopd_megatron.eval.cli ... --tensor-model-parallel-size 2
+
+The evaluation itself is the one vopd-train runs every --eval-interval
+iterations (vopd_megatron/eval/runner.py), so both report the same numbers
+for the same weights and layout.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ..config import parse_config
+from ..config.args import to_flat_dict
+from ..config.schema import ConfigError
+
+
+def format_table(metrics: dict[str, float], n: int, k: int) -> str:
+    rows = [(name.replace("eval/", "").replace("@k", f"@{n if name != 'eval/pass@k' else k}"), value)
+            for name, value in metrics.items()]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join([f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+                     + [f"{name:<{width}}  {value:.4f}" for name, value in rows])
+
+
+def write_outputs(out_dir: str, summary: dict, records: list[dict]) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with (out / "problems.jsonl").open("w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+
+
+def main(argv=None):
+    run, ns = parse_config(argv)
+    run.data.prompt_data = run.data.rollout_data = None  # vopd-eval samples from --eval-data only
+    ck, e = run.checkpoint, run.eval
+    if not ck.load:
+        raise SystemExit("error: vopd-eval needs --load DIR (a checkpoint written by vopd-train or vopd-convert)")
+    if not e.eval_data:
+        raise SystemExit("error: vopd-eval needs --eval-data FILE.jsonl (records with a problem and an answer)")
+    from ..training.train import init_distributed, rank0_print, run_tokenizer
+    from .runner import build_evaluator, load_run_problems
+
+    try:  # bad flags or data: a one-line error before anything is built
+        run.validate(int(os.environ.get("WORLD_SIZE", 1)))
+        tokenizer = run_tokenizer(run)
+        problems = load_run_problems(run, tokenizer, log=rank0_print)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+    from ..training.checkpoint import load_model_weights
+    from ..training.setup import build_models, initialize_parallel
+
+    init_distributed()
+    try:
+        initialize_parallel(run)
+        models = build_models(run, with_teacher=bool(ck.teacher_load))
+        iteration = load_model_weights(ck.load, models.student)
+        if ck.teacher_load:
+            load_model_weights(ck.teacher_load, [models.teacher])
+        evaluator = build_evaluator(run, models, tokenizer, problems)
+        result = evaluator.evaluate()
+        n, k = e.eval_samples, e.eval_pass_k or e.eval_samples
+        if dist.get_rank() == 0:
+            print(f"[vopd-eval] {ck.load} (iteration {iteration}), {len(result.records)} problems x {n} samples"
+                  + ("" if ck.teacher_load else "; no --teacher-load: no reverse KL"), flush=True)
+            print(format_table(result.metrics, n, k), flush=True)
+            if e.eval_output:
+                summary = {"checkpoint": ck.load, "iteration": iteration, "teacher": ck.teacher_load,
+                           "eval_data": e.eval_data, "problems": len(result.records), "samples": n, "pass_k": k,
+                           "metrics": result.metrics, "config": to_flat_dict(run)}
+                write_outputs(e.eval_output, summary, result.records)
+                print(f"[vopd-eval] wrote {e.eval_output}/summary.json and problems.jsonl", flush=True)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
