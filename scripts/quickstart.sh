@@ -16,5 +16,5 @@ cd "$root"
 echo "[quickstart] vopd-train, examples/tiny, TP2 on CPU"
 PYTHON="$root/.venv/bin/python" bash examples/tiny/run_cpu.sh 2 --train-iters 10 2>&1 \
   | grep -E '^\[vopd\]|^wrote|rror'
-echo "[quickstart] arithmetic testbed, short demo (first run: ~10 min to train the teacher and student)"
+echo "[quickstart] arithmetic testbed, short demo (first run: ~5 min more, to train the teacher and student once)"
 exec "$root/.venv/bin/python" examples/arithmetic/compare_modes.py --short "$@"

@@ -190,6 +190,15 @@ def write_report(path: Path, out: Path, modes: list[str], recipe: dict, prep: di
     ]
     for claim, verdict, evidence in verdicts(runs, modes, variance, timing):
         lines.append(f"| {claim} | **{verdict}** | {evidence} |")
+    n_seeds = len(recipe["seeds"])
+    if n_seeds > 1:
+        sems = {m: mean_sd(final(runs, m, "eval/reverse_kl"))[1] / n_seeds**0.5 for m in modes}
+        rel = {m: sems[m] / mean_sd(final(runs, m, "eval/reverse_kl"))[0] for m in modes}
+        lines += ["", f"Statistical resolution: with {n_seeds} seeds the standard error of a mode's mean final KL "
+                  f"is {min(rel.values()):.1%}–{max(rel.values()):.1%} of the mean here "
+                  f"({min(rel, key=rel.get)} … {max(rel, key=rel.get)}). A verdict at the 2% or 5% level is "
+                  "therefore within the noise for the noisier modes: a PASS there can be luck, and a FAIL by "
+                  "much more than the standard error is not."]
     lines += ["", "## Final held-out numbers (mean ± sd [min, max] over seeds)", "",
               "| mode | reverse KL | accuracy (avg@1) | mean E[(r-K)^2]/E[r^2] over steps | s per run |",
               "| --- | --- | --- | --- | --- |"]
