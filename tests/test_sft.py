@@ -15,7 +15,6 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from vopd_megatron.config.schema import ModelArgs, ParallelArgs, RunConfig, TrainArgs
 from vopd_megatron.training.data import Rollout, collate

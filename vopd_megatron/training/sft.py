@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .data import Rollout, collate
+from .data import Rollout
 
 
 def load_sft_rows(path, tokenizer, eos_id: int | None, seq_length: int) -> list[Rollout]:
