@@ -59,8 +59,8 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch==$torch_version (the PyPI build; it runs on CPU)"
   "$py" -m pip install -q "torch==$torch_version" 2>&1 | quiet_pip
 fi
-echo "[setup] installing vopd_megatron[test] (editable) and megatron-core"
-"$py" -m pip install -q -e "$root[test]" 2>&1 | quiet_pip
+echo "[setup] installing vopd_megatron[test,demo] (editable) and megatron-core"
+"$py" -m pip install -q -e "$root[test,demo]" 2>&1 | quiet_pip
 "$py" - <<'PY'
 import megatron.core, torch, vopd_megatron
 print(f"[setup] ok: python {__import__('sys').version.split()[0]}, torch {torch.__version__}, "

@@ -9,6 +9,23 @@ across microbatches and data-parallel ranks: each is a 2-element tensor
 `[sum over tokens, token count]`. `summarize_metrics` adds them up (and
 all-reduces over a group if given) and derives the means and the baseline's
 explained variance `1 - Var(r - b) / Var(r)`.
+
+Gradient-variance diagnostic (every call, any mode). Each sampled estimator's
+logit gradient at a token is `c_t (e_a - p)` with coefficient `c_t = r_t - b_t`,
+and all of them have the same mean (the `full_kl` gradient), so they differ
+only in their second moment, driven by `E[c_t^2]`. The metrics carry the sums
+of `r^2` (opd: b = 0), `(r - K)^2` (vopd: b = K) and `(r - b)^2` (this run's
+mode), so `summarize_metrics` reports, over every token of the batch,
+
+- `variance/opd_signal = mean r^2`, `variance/vopd_signal = mean (r - K)^2`,
+- `variance/mode_signal = mean (r - b)^2` (meaningful for the sampled modes),
+- `variance/ratio = vopd_signal / opd_signal` (vOPD's claim: below 1).
+
+At one state, `E_a[r^2] = Var_a(r) + K^2` and `E_a[(r - K)^2] = Var_a(r)`
+(since `E_a[r] = K`): the ratio is how much of opd's signal power the
+baseline removes. Being `[sum, count]` pairs, they combine exactly over
+microbatches and data-parallel ranks; tensor-parallel ranks hold identical
+per-token terms.
 """
 from __future__ import annotations
 
@@ -63,6 +80,8 @@ def reduce_token_terms(terms: TokenTerms):
         "advantage": advantage,
         "advantage_sq": advantage * advantage,
         "student_logprob": terms.logp,
+        # gradient-variance diagnostic: the vopd coefficient's power, whatever the mode
+        "vopd_signal_sq": (r - terms.kl) ** 2,
     }
     if terms.topk_kl is not None:
         per_token["topk_kl"] = terms.topk_kl
@@ -102,4 +121,16 @@ def summarize_metrics(metrics_list, group: dist.ProcessGroup | None = None) -> d
     var_r = out["log_ratio_sq"] - out["log_ratio"] ** 2
     var_a = out["advantage_sq"] - out["advantage"] ** 2
     out["baseline_explained_variance"] = 1.0 - var_a / var_r if var_r > 0 else float("nan")
+    out.update(signal_variance(out))
     return out
+
+
+def signal_variance(means: dict[str, float]) -> dict[str, float]:
+    """The gradient-variance diagnostic (module docstring) from the token means."""
+    opd, vopd = means["log_ratio_sq"], means["vopd_signal_sq"]
+    return {
+        "variance/opd_signal": opd,
+        "variance/vopd_signal": vopd,
+        "variance/mode_signal": means["advantage_sq"],
+        "variance/ratio": vopd / opd if opd > 0 else float("nan"),
+    }

@@ -63,7 +63,8 @@ class StepLogger:
             "memory/peak_gb": peak_memory_gb(),
         }
         for key in ("topk_kl", "rollout_weight", "ppo_clipped", "rollout_logprob_gap", "rollout_logprob_abs_gap",
-                    "rollout/completion_tokens", "rollout/hit_max_length"):
+                    "rollout/completion_tokens", "rollout/hit_max_length",
+                    "variance/opd_signal", "variance/vopd_signal", "variance/mode_signal", "variance/ratio"):
             if key in m:
                 out[key] = m[key]
         return out

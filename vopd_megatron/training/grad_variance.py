@@ -1,0 +1,135 @@
+"""Exact estimator variance of each loss mode's student gradient, by repeated sampling.
+
+The per-step diagnostic (`variance/*` in the loss metrics) looks at the
+per-token coefficient only. This measures what the claim is about: the
+variance of the *full student gradient vector* that one optimizer step sees.
+For a fixed batch of prompts, draw R independent sets of on-policy completions
+from the student; on every set, compute each mode's finalized gradient (the
+same Megatron schedule and loss plugin `vopd-train` uses, no optimizer step, so
+the weights never change); then per mode
+
+    mean  = (1/R) sum_r g_r
+    total variance = (1/(R-1)) sum_r ||g_r - mean||^2      (trace of the covariance)
+
+All modes see the same R sample sets (paired), so their variances compare
+directly; `full_kl` (exact over the vocabulary at each sampled state) shows the
+part that comes from which states were visited, a floor for the sampled
+modes. Costs R rollouts plus R x modes forward/backward passes: for small
+models. TP = 1 and PP = 1 (a rank then holds the whole gradient); any DP.
+
+    python -m vopd_megatron.training.grad_variance --config examples/arithmetic/config.yaml \
+        --load runs/arithmetic/student --finetune --teacher-load runs/arithmetic/teacher \
+        --prompt-data examples/arithmetic/data/prompts.jsonl --resamples 16 --prompts 32 --out variance.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..loss.config import LOSS_MODES, TOPK_MODES
+
+
+def flat_grad(student_chunks) -> torch.Tensor:
+    """The finalized gradient of every student parameter, concatenated, fp64. [P]"""
+    from megatron.core.utils import unwrap_model
+
+    grads = [p.main_grad.detach().reshape(-1) for c in student_chunks for p in unwrap_model(c).parameters()]
+    return torch.cat(grads).double()
+
+
+def variance_summary(grads: torch.Tensor) -> dict[str, float]:
+    """grads: [R, P] gradient vectors of one mode over R resamples."""
+    mean = grads.mean(0)  # [P]
+    total = float(((grads - mean) ** 2).sum(1).sum() / (grads.shape[0] - 1))
+    return {"total_variance": total, "mean_grad_sq_norm": float((mean**2).sum()),
+            "per_resample_sq_norm": float((grads**2).sum(1).mean())}
+
+
+def measure(models, run, prompts: list[list[int]], modes: list[str], resamples: int, top_k: int,
+            seed: int = 0) -> dict[str, dict]:
+    """Per mode: the variance summary of its gradient over `resamples` paired draws."""
+    from ..rollout import RolloutSampler, SamplingConfig
+    from .data import Rollout
+    from .step import forward_backward
+    from .train import dp_microbatches
+
+    if resamples < 2:
+        raise ValueError("--resamples must be >= 2")
+    d = run.data
+    sampler = RolloutSampler(models.student, SamplingConfig(
+        max_new_tokens=d.rollout_max_new_tokens, temperature=run.distill.vopd_temperature,
+        eos_id=d.eos_id, max_batch_size=d.rollout_batch_size), run.model.vocab_size)
+    grads = {m: [] for m in modes}
+    base = run.distill.loss_config()
+    for r in range(resamples):
+        completions = sampler.generate(prompts, seed=seed * 100_003 + r)  # same on every rank
+        rollouts = [Rollout(p, c.completion_ids) for p, c in zip(prompts, completions)]
+        microbatches = dp_microbatches(rollouts, run, next(models.student[0].parameters()).device)
+        for mode in modes:
+            cfg = dataclasses.replace(base, mode=mode, top_k=top_k if mode in TOPK_MODES else None)
+            forward_backward(models, microbatches, run, cfg)
+            grads[mode].append(flat_grad(models.student))
+    out = {m: variance_summary(torch.stack(g)) for m, g in grads.items()}
+    if "opd" in out:
+        for m in out:
+            out[m]["ratio_to_opd"] = out[m]["total_variance"] / out["opd"]["total_variance"]
+    return out
+
+
+def main(argv=None):
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--resamples", type=int, default=16)
+    pre.add_argument("--prompts", type=int, default=32, help="prompts in the fixed batch (global batch size)")
+    pre.add_argument("--modes", default="opd,vopd,vopd_topk,vopd_opt,full_kl")
+    pre.add_argument("--out", default=None, help="write the result as JSON here")
+    own, rest = pre.parse_known_args(argv)
+    from ..config import parse_config
+    from ..data import load_prompt_dataset, load_tokenizer
+    from .checkpoint import load_model_weights
+    from .setup import build_models, initialize_parallel
+    from .step import wire_megatron_hooks
+    from .train import init_distributed
+
+    run, _ = parse_config(rest + ["--global-batch-size", str(own.prompts)])
+    modes = own.modes.split(",")
+    unknown = set(modes) - set(LOSS_MODES)
+    if unknown:
+        raise SystemExit(f"error: unknown modes {sorted(unknown)}")
+    run.validate(int(os.environ.get("WORLD_SIZE", 1)))
+    if run.parallel.tensor_model_parallel_size != 1 or run.parallel.pipeline_model_parallel_size != 1:
+        raise SystemExit("error: the exact variance measurement supports TP = 1 and PP = 1 (small models)")
+    if not run.data.prompt_data:
+        raise SystemExit("error: give --prompt-data (the fixed batch is its first --prompts prompts)")
+    init_distributed()
+    initialize_parallel(run)
+    models = build_models(run)
+    wire_megatron_hooks(models, run)
+    if run.checkpoint.teacher_load:
+        load_model_weights(run.checkpoint.teacher_load, [models.teacher])
+    if run.checkpoint.load:
+        load_model_weights(run.checkpoint.load, models.student)
+    d = run.data
+    tok = load_tokenizer(d.tokenizer_model) if d.tokenizer_model else None
+    prompts, _ = load_prompt_dataset(d.prompt_data, tok, run.model.seq_length + 1 - d.rollout_max_new_tokens,
+                                     prompt_field=d.prompt_field, vocab_size=run.model.vocab_size)
+    result = measure(models, run, prompts[: own.prompts], modes, own.resamples,
+                     top_k=run.distill.vopd_top_k or 4, seed=run.train.seed)
+    if dist.get_rank() == 0:
+        for mode, s in result.items():
+            print(f"[variance] {mode:10s} total variance {s['total_variance']:.4e} "
+                  f"| ratio to opd {s.get('ratio_to_opd', float('nan')):.3f} "
+                  f"| |mean grad|^2 {s['mean_grad_sq_norm']:.4e}", flush=True)
+        if own.out:
+            with open(own.out, "w") as f:
+                json.dump({"resamples": own.resamples, "prompts": own.prompts, "modes": result}, f, indent=1)
+    dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

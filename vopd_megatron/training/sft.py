@@ -1,0 +1,220 @@
+"""`vopd-sft`: supervised fine-tuning of a Megatron GPT on prompt/completion text.
+
+What it is for: producing a teacher (and a warmed-up student) that `vopd-train`
+loads directly, `--teacher-load DIR` and `--load DIR --finetune`, with the same
+model builder, the same checkpoint writer and the same flags. It is
+deliberately small: Megatron's pipeline schedule over microbatches, Megatron's
+vocab-parallel cross entropy on the completion tokens (the prompt is context
+only), Megatron's optimizer and LR schedule, a checkpoint at the end.
+
+Data: JSONL rows `{"prompt": text, "completion": text}`, tokenized with
+`--tokenizer-model`; the EOS id (`--eos-id`, else the tokenizer's) is appended
+to every completion so the model learns to stop. Rows are visited in a seeded
+per-epoch shuffle; each iteration takes `--global-batch-size` of them, split
+over data-parallel ranks like `vopd-train`.
+
+`--load DIR` starts from a checkpoint's weights (a fresh optimizer and LR
+schedule): a recipe in stages. `--lr-decay-iters` longer than `--train-iters`
+stops partway along a longer schedule.
+
+Normalisation is Megatron's `calculate_per_token_loss`: the loss function
+returns `(sum of token losses, completion tokens)`, and `finalize_model_grads`
+divides the summed gradients by the global token count, so the gradient is the
+token mean over the whole batch for any TP/DP/microbatch split.
+
+    vopd-sft --config examples/arithmetic/teacher.yaml --sft-data data/sft.jsonl --save runs/teacher
+    torchrun --nproc-per-node 2 -m vopd_megatron.training.sft ... --tensor-model-parallel-size 2
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .data import Rollout
+
+
+def load_sft_rows(path, tokenizer, eos_id: int | None, seq_length: int) -> list[Rollout]:
+    """Tokenized (prompt, completion + EOS) pairs; a row longer than seq_length + 1 is an error."""
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        for key in ("prompt", "completion"):
+            if not isinstance(rec.get(key), str):
+                raise ValueError(f"{path}:{i + 1}: needs a text field {key!r}")
+        prompt = tokenizer.encode(rec["prompt"], add_special_tokens=False)
+        completion = tokenizer.encode(rec["completion"], add_special_tokens=False)
+        completion += [eos_id] if eos_id is not None else []
+        if not prompt or len(prompt) + len(completion) > seq_length + 1:
+            raise ValueError(f"{path}:{i + 1}: {len(prompt) + len(completion)} tokens do not fit "
+                             f"--seq-length {seq_length} (+1), or the prompt is empty")
+        rows.append(Rollout(prompt, completion))
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    return rows
+
+
+class ShuffledRows:
+    """Rows in a seeded per-epoch shuffle; `take(n)` is identical on every rank."""
+
+    def __init__(self, rows: list, seed: int):
+        self.rows, self.seed, self.consumed = rows, seed, 0
+        self._epoch, self._order = -1, None
+
+    def take(self, n: int) -> list:
+        out = []
+        for i in range(self.consumed, self.consumed + n):
+            epoch, k = divmod(i, len(self.rows))
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._epoch, self._order = epoch, torch.randperm(len(self.rows), generator=g)
+            out.append(self.rows[int(self._order[k])])
+        self.consumed += n
+        return out
+
+
+def sft_loss_func(labels: torch.Tensor, loss_mask: torch.Tensor, logits: torch.Tensor):
+    """Megatron's contract `(loss_sum, num_tokens, metrics)` for token-level cross entropy.
+
+    labels, loss_mask: [b, s]; logits: [b, s, V_padded/tp] this rank's vocab shard.
+    Megatron's vocab-parallel cross entropy runs over the padded vocabulary, as
+    Megatron-LM's own pretraining loss does (padded columns learn to be unlikely).
+    """
+    from megatron.core import tensor_parallel
+
+    # Megatron's CE overwrites fp32 logits in place (MEGATRON_ON_CPU.md): nothing reads them after.
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)  # [b, s]
+    mask = loss_mask.float()
+    loss_sum = (losses * mask).sum()
+    count = mask.sum()
+    return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count])}
+
+
+def _forward_step(mask, data_iterator, model):
+    mb = next(data_iterator)
+    logits = model(mb["tokens"], mb["position_ids"], mask)  # [b, s, V/tp] (last stage)
+    return logits, partial(sft_loss_func, mb["labels"], mb["loss_mask"])
+
+
+def build_student(run):
+    """This rank's DDP-wrapped model (the run's `--num-layers` ... shape), optimizer, scheduler."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import (
+        DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
+    )
+
+    from ..model.builder import build_gpt_stage, transformer_config
+    from .setup import build_optimizer
+
+    cfg = transformer_config(run.model, run.parallel, run.train)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    model = build_gpt_stage(run.model, run.parallel, run.train, parallel_state.is_pipeline_first_stage(),
+                            parallel_state.is_pipeline_last_stage(), config=cfg).to(device)
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=run.parallel.use_distributed_optimizer), model)
+    cfg.no_sync_func = ddp.no_sync
+    cfg.grad_sync_func = None
+    cfg.finalize_model_grads_func = lambda _m, *a, **kw: finalize_model_grads([ddp], *a, **kw)
+    optimizer, scheduler = build_optimizer(run, [ddp])
+    return ddp, optimizer, scheduler
+
+
+def sft_forward_backward(model, microbatches: list[dict], run, forward_only: bool = False) -> list[dict]:
+    """Megatron's schedule over this DP rank's microbatches (gradients finalized in the DDP buffers)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from .step import causal_mask
+
+    model.zero_grad_buffer()
+    seq = run.model.seq_length
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, causal_mask(seq, microbatches[0]["tokens"].device)),
+        data_iterator=iter(microbatches), model=[model], num_microbatches=len(microbatches),
+        seq_length=seq, micro_batch_size=run.train.micro_batch_size, forward_only=forward_only,
+    )
+
+
+def mean_loss(losses: list[dict]) -> float:
+    """Token-mean loss of the global batch (DP-reduced), on the last pipeline stage."""
+    from megatron.core import parallel_state
+
+    total = torch.stack([m["lm loss"] for m in losses]).sum(0).double()  # [2]
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return float(total[0] / total[1])
+
+
+def _parse(argv):
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--sft-data", required=True, help="JSONL of {\"prompt\": text, \"completion\": text}")
+    pre.add_argument("--which", choices=["student", "teacher"], default="student",
+                     help="train the model the flags describe (student) or the one "
+                          "--teacher-model-config describes (teacher)")
+    own, rest = pre.parse_known_args(argv)
+    from ..config import parse_config
+
+    run, _ = parse_config(rest)
+    if own.which == "teacher":
+        run = dataclasses.replace(run, model=run.teacher)
+    return own, run
+
+
+def main(argv=None):
+    own, run = _parse(argv)
+    from megatron.core import parallel_state
+
+    from ..data import load_tokenizer
+    from .checkpoint import load_model_weights, save_checkpoint
+    from .setup import initialize_parallel
+    from .train import dp_microbatches, init_distributed
+
+    if not run.data.tokenizer_model:
+        raise SystemExit("error: vopd-sft needs --tokenizer-model (the text is tokenized here)")
+    run.validate(int(os.environ.get("WORLD_SIZE", 1)))
+    tokenizer = load_tokenizer(run.data.tokenizer_model)
+    eos = run.data.eos_id if run.data.eos_id is not None else tokenizer.eos_id
+    rows = ShuffledRows(load_sft_rows(own.sft_data, tokenizer, eos, run.model.seq_length), run.train.seed)
+
+    init_distributed()
+    initialize_parallel(run)
+    model, optimizer, scheduler = build_student(run)
+    if run.checkpoint.load:  # weights only: continue from an earlier stage with a fresh optimizer
+        load_model_weights(run.checkpoint.load, [model])
+    device = next(model.parameters()).device
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        print(f"[sft] {len(rows.rows)} rows from {own.sft_data}; {run.train.train_iters} iterations "
+              f"of {run.train.global_batch_size}", flush=True)
+    t0 = time.perf_counter()
+    for it in range(1, run.train.train_iters + 1):
+        microbatches = dp_microbatches(rows.take(run.train.global_batch_size), run, device)
+        optimizer.zero_grad()
+        losses = sft_forward_backward(model, microbatches, run)
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        if losses and (it % run.logging.log_interval == 0 or it == run.train.train_iters):
+            loss = mean_loss(losses)  # a DP collective: every last-stage rank computes it
+            if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
+                print(f"[sft] iter {it:5d} | loss {loss:.4f} | grad norm {float(grad_norm):.3f} "
+                      f"| lr {optimizer.param_groups[0]['lr']:.2e} | {time.perf_counter() - t0:.0f} s", flush=True)
+        ck = run.checkpoint
+        if ck.save and (it == run.train.train_iters or (ck.save_interval and it % ck.save_interval == 0)):
+            # Weights only (no optimizer): what --teacher-load and --load --finetune read.
+            path = save_checkpoint(ck.save, it, [model], None, None, {"iteration": it, "consumed_samples": rows.consumed})
+            if rank0:
+                print(f"[sft] saved {path}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
