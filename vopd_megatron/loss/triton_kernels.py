@@ -223,6 +223,15 @@ def shard_statistics(z, u, local_target, width, temperature, need_opt, out) -> N
     )
 
 
+def _gradient_tiles(z: torch.Tensor):
+    """Launch grid and tile sizes of the element-wise gradient kernels over a
+    non-empty [N, P] shard: 2-D tiles, the vocab tile no wider than the shard."""
+    n, part = z.shape
+    bn, bv, warps = _blocks(z, reduce=False)
+    bv = min(bv, max(16, triton.next_power_of_2(part)))
+    return (triton.cdiv(n, bn), triton.cdiv(part, bv)), bn, bv, warps
+
+
 def sampled_gradient(z, lse_z, coef, local_target, width, temperature) -> torch.Tensor:
     """dz [N, P] in z's dtype: coef_t (e_a - p) on real columns, 0 on padding.
 
@@ -233,9 +242,7 @@ def sampled_gradient(z, lse_z, coef, local_target, width, temperature) -> torch.
     dz = torch.empty_like(z, memory_format=torch.contiguous_format)  # [N, P]
     if n == 0 or part == 0:
         return dz.zero_()
-    bn, bv, warps = _blocks(z, reduce=False)
-    bv = min(bv, max(16, triton.next_power_of_2(part)))
-    grid = (triton.cdiv(n, bn), triton.cdiv(part, bv))
+    grid, bn, bv, warps = _gradient_tiles(z)
     _sampled_grad_kernel[grid](
         z, dz, lse_z.float().contiguous(), coef.float().contiguous(), local_target, n, width, part,
         z.stride(0), dz.stride(0), float(temperature), TEMPERED=temperature != 1.0, BLOCK_N=bn, BLOCK_V=bv, num_warps=warps,
@@ -253,9 +260,7 @@ def full_kl_gradient(z, u, st: S.GlobalStats, coef, width, temperature) -> torch
     g = torch.empty_like(z, memory_format=torch.contiguous_format)  # [N, P]
     if n == 0 or part == 0:
         return g.zero_()
-    bn, bv, warps = _blocks(z, reduce=False)
-    bv = min(bv, max(16, triton.next_power_of_2(part)))
-    grid = (triton.cdiv(n, bn), triton.cdiv(part, bv))
+    grid, bn, bv, warps = _gradient_tiles(z)
     _full_kl_grad_kernel[grid](
         z, u, g, st.lse_z.contiguous(), st.lse_u.contiguous(), st.kl.contiguous(), coef.float().contiguous(),
         n, width, part, z.stride(0), u.stride(0), g.stride(0), float(temperature),
