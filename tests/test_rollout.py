@@ -18,6 +18,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -234,11 +236,27 @@ def case_generate_then_train(tp):
         # A distillation step on the sampled rollouts, with the engine's log-probs for the correction.
         dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         mine = first[rank * 4 // dp : (rank + 1) * 4 // dp]
-        metrics = forward_backward(models, [collate(mine, TRAIN_SEQ)], run,
-                                   LossConfig(mode="vopd", rollout_correction="truncate"))
+        config = LossConfig(mode="vopd", rollout_correction="truncate")
+        metrics = forward_backward(models, [collate(mine, TRAIN_SEQ)], run, config)
+        # Alignment through the production path (collate -> Megatron forward ->
+        # loss): the trainer's log p at each completion position against the
+        # engine's log-prob of that token; then with the engine's log-probs moved
+        # one position late / early, the error an off-by-one would make.
+        def abs_gap(rollouts):
+            m = forward_backward(models, [collate(rollouts, TRAIN_SEQ)], run, config)[0]
+            total, count = m["rollout_logprob_abs_gap"]
+            return float(total / count)
+
+        def moved(r, k):
+            lp = r.logprobs[-k:] + r.logprobs[:-k]  # roll by k within the completion
+            return dataclasses.replace(r, logprobs=lp)
+
+        longer = [r for r in mine if len(r.completion_ids) >= 2]
+        gaps = dict(aligned=abs_gap(mine), late=abs_gap([moved(r, 1) for r in longer]),
+                    early=abs_gap([moved(r, -1) for r in longer]))
         return dict(state, grad_diff=grad_diff, grad_norm=max(float(g.abs().max()) for g in before.values()),
                     first=first, second=second, resumed=resumed, consumed=source.consumed,
-                    losses=[float(m["loss"][0]) for m in metrics])
+                    losses=[float(m["loss"][0]) for m in metrics], gaps=gaps)
     finally:
         _teardown()
 
@@ -363,6 +381,12 @@ def test_generate_then_train_step(pool2, tp):
     assert results[0]["first"] == results[1]["first"], "ranks returned different rollouts"
     losses = [x for r in results for x in r["losses"]]
     assert losses and all(x == x for x in losses)
+    # Logits at position t are scored against token t+1, on completion tokens
+    # only: the trainer reproduces the engine's log-probs (fp32), and a one-
+    # position shift either way is visible in the same metric.
+    for r in results:
+        assert r["gaps"]["aligned"] < LOGPROB_TOL, r["gaps"]
+        assert r["gaps"]["late"] > 100 * LOGPROB_TOL and r["gaps"]["early"] > 100 * LOGPROB_TOL, r["gaps"]
     # Max length: a completion that reaches max_new_tokens (6) without EOS (3)
     # is flagged, and kept: every one of its tokens is in the loss mask.
     from tests.test_train_step import SEQ as TRAIN_SEQ
