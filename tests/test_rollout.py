@@ -15,6 +15,9 @@
   bit-identical to the one computed before generating; training flags,
   InferenceMode and the RNG are restored; OnPolicyRolloutSource is
   deterministic under seek() and identical on every rank (TP2, and DP2).
+- Alignment through the production path (collate -> Megatron forward ->
+  loss): the trainer's log p of each completion token equals the engine's
+  log-prob; the same log-probs moved one position either way do not.
 """
 from __future__ import annotations
 
