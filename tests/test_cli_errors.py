@@ -116,3 +116,19 @@ def test_command_line_exit_status_and_message(tmp_path, tool):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "has no records" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_vopd_sft_bad_data(tmp_path):
+    from vopd_megatron.training.sft import main as sft_main
+
+    base = ["--config", "examples/tiny/config.yaml", "--tokenizer-model",
+            str(_tokenizer(tmp_path / "tok.json", WORDS))]
+    missing = tmp_path / "nope.jsonl"
+    assert str(missing) in _error(sft_main, base + ["--sft-data", str(missing)])
+    no_completion = _jsonl(tmp_path / "p.jsonl", [{"prompt": "w1 w2"}])
+    assert "needs a text field 'completion'" in _error(sft_main, base + ["--sft-data", str(no_completion)])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "has no rows" in _error(sft_main, base + ["--sft-data", str(empty)])
+    assert "needs --tokenizer-model" in _error(
+        sft_main, ["--config", "examples/tiny/config.yaml", "--sft-data", str(empty)])

@@ -28,6 +28,7 @@ token mean over the whole batch for any TP/DP/microbatch split.
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 import json
 import os
@@ -154,13 +155,19 @@ def mean_loss(losses: list[dict]) -> float:
 
 
 def _parse(argv):
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(prog="vopd-sft", add_help=False, allow_abbrev=False)
     pre.add_argument("--sft-data", required=True, help="JSONL of {\"prompt\": text, \"completion\": text}")
     pre.add_argument("--which", choices=["student", "teacher"], default="student",
                      help="train the model the flags describe (student) or the one "
                           "--teacher-model-config describes (teacher)")
-    own, rest = pre.parse_known_args(argv)
     from ..config import parse_config
+
+    if "-h" in argv or "--help" in argv:  # vopd-sft's own flags, then the shared model/training flags
+        pre.print_help()
+        print("\nModel, parallelism, training, checkpoint and logging flags are vopd-train's:\n")
+        parse_config(["--help"])
+    own, rest = pre.parse_known_args(argv)
 
     run, _ = parse_config(rest)
     if own.which == "teacher":
@@ -172,6 +179,7 @@ def main(argv=None):
     own, run = _parse(argv)
     from megatron.core import parallel_state
 
+    from ..config.schema import ConfigError
     from ..data import load_tokenizer
     from .checkpoint import load_model_weights, save_checkpoint
     from .setup import initialize_parallel
@@ -179,10 +187,13 @@ def main(argv=None):
 
     if not run.data.tokenizer_model:
         raise SystemExit("error: vopd-sft needs --tokenizer-model (the text is tokenized here)")
-    run.validate(int(os.environ.get("WORLD_SIZE", 1)))
-    tokenizer = load_tokenizer(run.data.tokenizer_model)
-    eos = run.data.eos_id if run.data.eos_id is not None else tokenizer.eos_id
-    rows = ShuffledRows(load_sft_rows(own.sft_data, tokenizer, eos, run.model.seq_length), run.train.seed)
+    try:  # bad flags or data: a one-line error before anything is built
+        run.validate(int(os.environ.get("WORLD_SIZE", 1)))
+        tokenizer = load_tokenizer(run.data.tokenizer_model)
+        eos = run.data.eos_id if run.data.eos_id is not None else tokenizer.eos_id
+        rows = ShuffledRows(load_sft_rows(own.sft_data, tokenizer, eos, run.model.seq_length), run.train.seed)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
 
     init_distributed()
     initialize_parallel(run)
