@@ -95,11 +95,14 @@ def local_statistics(zs, us, local_target, owned, need_opt, k, out, cols_out=Non
         local_topk(zs, us, k, out[-2 * k :], cols_out)
 
 
-def local_topk(zs, us, k, out, cols_out=None):
-    """The shard's k largest tempered `z` and their `u` into `out [2k, n]`.
+def local_topk(zs, us, k, out, cols_out=None, u_temperature=1.0):
+    """The shard's k largest tempered `z` and their tempered `u` into `out [2k, n]`.
 
-    zs, us: [n, w] tempered logits of the real columns; rows past w are -inf
-    (z) and 0 (u). cols_out: optional [n, min(k, w)] long, the candidates' columns.
+    zs: [n, w] tempered logits of the real columns. us: [n, w] teacher logits
+    of the same columns, already tempered (PyTorch path) or raw with
+    `u_temperature` (Triton path: only the k gathered values are converted and
+    divided, not the whole chunk). Rows past w are -inf (z) and 0 (u).
+    cols_out: optional [n, min(k, w)] long, the candidates' columns.
     Shared by the PyTorch path and the Triton path (which has no top-k kernel).
     """
     w = zs.shape[1]
@@ -110,7 +113,7 @@ def local_topk(zs, us, k, out, cols_out=None):
         return
     vals, cols = zs.topk(k_loc, dim=-1)  # [n, k_loc]
     out[:k_loc] = vals.t()
-    out[k : k + k_loc] = us.gather(-1, cols).t()
+    out[k : k + k_loc] = scaled_fp32(us.gather(-1, cols), u_temperature).t()  # [k_loc, n]
     if cols_out is not None:
         cols_out.copy_(cols)
 

@@ -138,8 +138,8 @@ class VocabParallelOPDLoss(torch.autograd.Function):
             TK.shard_statistics(z, u, owned_col, width, tau, need_opt, local)
             if k:  # no Triton top-k: one more read of z (and a gather of u) per chunk
                 for rows in _row_chunks(n, width, chunk_elements):
-                    S.local_topk(S.scaled_fp32(z[rows, :width], tau), S.scaled_fp32(u[rows, :width], tau), k,
-                                 local[-2 * k :, rows], None if cols is None else cols[rows])
+                    S.local_topk(S.scaled_fp32(z[rows, :width], tau), u[rows, :width], k,
+                                 local[-2 * k :, rows], None if cols is None else cols[rows], u_temperature=tau)
         else:
             for rows in _row_chunks(n, width, chunk_elements):
                 S.local_statistics(
