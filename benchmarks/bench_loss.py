@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -72,6 +71,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vopd_megatron.loss import LOSS_MODES, TOPK_MODES, LossConfig, vocab_parallel_opd_loss
+from vopd_megatron.loss.backend import interpreter_on
+from vopd_megatron.model.builder import te_available
+from vopd_megatron.net import free_local_port
 
 #: Peak HBM bandwidth in GB/s by device-name substring, for the "% of peak" column.
 PEAK_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
@@ -128,10 +130,7 @@ def init_distributed(device: torch.device) -> dist.ProcessGroup:
     if "RANK" in os.environ:
         dist.init_process_group(backend)
     else:
-        with socket.socket() as s:  # a free local port for the 1-process store
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_local_port()}", rank=0, world_size=1)
     return dist.group.WORLD
 
 
@@ -200,12 +199,6 @@ def te_ce_row(inp: Inputs, tp_group) -> Row:
         return inp.z.detach().clone().requires_grad_()
 
     return Row("te_parallel_ce", fresh_clone, step, passes=3)
-
-
-def te_available() -> bool:
-    import importlib.util
-
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
 def unfused_kl_row(inp: Inputs) -> Row:
@@ -397,7 +390,7 @@ def header_line(args, inp: Inputs, device, tp, compat, peak=None) -> str:
             f"peak extra memory: {memory}; torch {torch.__version__}, "
             f"megatron-core {version('megatron-core')}; cpu_compat: {compat}; loss backends: {args.backends}"
             + (f"; peak bandwidth {peak:.0f} GB/s" if peak else "")
-            + ("; TRITON_INTERPRET=1" if os.environ.get("TRITON_INTERPRET") == "1" else "") + "\n")
+            + ("; TRITON_INTERPRET=1" if interpreter_on() else "") + "\n")
 
 
 def main():

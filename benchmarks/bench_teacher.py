@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import socket
 import statistics
 import time
 
@@ -40,6 +39,7 @@ import torch.distributed as dist
 from vopd_megatron.config.schema import ModelArgs, ParallelArgs, TrainArgs
 from vopd_megatron.model.builder import build_gpt_stage, te_available, transformer_config
 from vopd_megatron.model.fp8 import fp8_runtime_problems, fp8_shape_problems
+from vopd_megatron.net import free_local_port
 
 GPU_SHAPE = dict(num_layers=8, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
                  ffn_hidden_size=14336, vocab_size=128256, seq_length=4096)
@@ -66,11 +66,8 @@ def init_single_process(device):
         from vopd_megatron.megatron import cpu_compat
 
         cpu_compat.enable()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+                            init_method=f"tcp://127.0.0.1:{free_local_port()}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
 
@@ -131,8 +128,9 @@ def drift(ref_logits: torch.Tensor, logits: torch.Tensor, gen: torch.Generator) 
     """Per-token KL(q_ref || q) and friends, from [b, s, V] logits of the same tokens."""
     logq_ref = ref_logits.float().log_softmax(-1).flatten(0, 1)  # [T, V]
     logq = logits.float().log_softmax(-1).flatten(0, 1)  # [T, V]
-    kl = (logq_ref.exp() * (logq_ref - logq)).sum(-1)  # [T]
-    a = torch.multinomial(logq_ref.exp().cpu(), 1, generator=gen).to(logq.device)  # [T, 1] a ~ q_ref
+    q_ref = logq_ref.exp()  # [T, V]
+    kl = (q_ref * (logq_ref - logq)).sum(-1)  # [T]
+    a = torch.multinomial(q_ref.cpu(), 1, generator=gen).to(logq.device)  # [T, 1] a ~ q_ref
     gap = (logq_ref.gather(-1, a) - logq.gather(-1, a)).abs()  # [T, 1]
     return {
         "kl_mean": float(kl.mean()), "kl_p99": float(kl.quantile(0.99)), "kl_max": float(kl.max()),

@@ -366,14 +366,14 @@ _KILLED_SAVER = textwrap.dedent("""
 
 def _kill_mid_save(save_dir, hang_at, tmp_path):
     """Run saves 1..hang_at in a fresh process and SIGKILL it inside save `hang_at`."""
-    from vopd_megatron.testing.dist import _free_port
+    from vopd_megatron.net import free_local_port
 
     script = tmp_path / "killed_saver.py"
     script.write_text(_KILLED_SAVER.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     log = tmp_path / "killed_saver.log"
     with open(log, "w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, str(script), str(save_dir), str(hang_at), str(_free_port())],
+            [sys.executable, str(script), str(save_dir), str(hang_at), str(free_local_port())],
             stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
         )
     try:

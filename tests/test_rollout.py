@@ -245,9 +245,8 @@ def case_generate_then_train(tp):
         # loss): the trainer's log p at each completion position against the
         # engine's log-prob of that token; then with the engine's log-probs moved
         # one position late / early, the error an off-by-one would make.
-        def abs_gap(rollouts):
-            m = forward_backward(models, [collate(rollouts, TRAIN_SEQ)], run, config)[0]
-            total, count = m["rollout_logprob_abs_gap"]
+        def abs_gap(step_metrics):
+            total, count = step_metrics[0]["rollout_logprob_abs_gap"]
             return float(total / count)
 
         def moved(r, k):
@@ -255,8 +254,10 @@ def case_generate_then_train(tp):
             return dataclasses.replace(r, logprobs=lp)
 
         longer = [r for r in mine if len(r.completion_ids) >= 2]
-        gaps = dict(aligned=abs_gap(mine), late=abs_gap([moved(r, 1) for r in longer]),
-                    early=abs_gap([moved(r, -1) for r in longer]))
+        gaps = {"aligned": abs_gap(metrics)}
+        for name, k in (("late", 1), ("early", -1)):
+            gaps[name] = abs_gap(forward_backward(models, [collate([moved(r, k) for r in longer], TRAIN_SEQ)],
+                                                  run, config))
         return dict(state, grad_diff=grad_diff, grad_norm=max(float(g.abs().max()) for g in before.values()),
                     first=first, second=second, resumed=resumed, consumed=source.consumed,
                     losses=[float(m["loss"][0]) for m in metrics], gaps=gaps)

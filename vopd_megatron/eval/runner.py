@@ -31,7 +31,7 @@ import torch.distributed as dist
 from ..loss import LossConfig
 from ..rollout.sampler import RolloutSampler, SamplingConfig, mix_seed
 from ..training.data import Rollout, collate
-from .grading import grade_problem, pass_at_k, summarize_grades
+from .grading import ProblemGrade, grade_problem, pass_at_k, summarize_grades
 from .problems import EvalProblem
 
 EVAL_SEED_SALT = 0xE7A1
@@ -99,10 +99,9 @@ class Evaluator:
         metrics["eval/completion_tokens"] = sum(lengths) / len(lengths)
         metrics["eval/hit_max_length"] = sum(h for r in records for h in r["hit_max_length"]) / len(lengths)
         if self.tokenizer is not None:
-            metrics.update({f"eval/{k}": v for k, v in summarize_grades(
-                [r["_grade"] for r in records], self.pass_k).items()})
-        for r in records:
-            r.pop("_grade", None)
+            grades = [ProblemGrade(r["correct"], r["answers"], r["majority_answer"], r["majority_correct"])
+                      for r in records]
+            metrics.update({f"eval/{k}": v for k, v in summarize_grades(grades, self.pass_k).items()})
         return EvalResult(metrics, records)
 
     def _record(self, prob: EvalProblem, comps) -> dict:
@@ -117,7 +116,7 @@ class Evaluator:
             grade = grade_problem(texts, prob.answer)
             rec.update(completions=texts, answers=grade.answers, correct=grade.correct,
                        majority_answer=grade.majority_answer, majority_correct=grade.majority_correct,
-                       pass_at_k=pass_at_k(len(comps), sum(grade.correct), self.pass_k), _grade=grade)
+                       pass_at_k=pass_at_k(len(comps), sum(grade.correct), self.pass_k))
         return rec
 
     def _reverse_kl(self, prompts, completions, rows_per_rank: int) -> float | None:
@@ -149,10 +148,11 @@ class Evaluator:
 def eval_sampling_config(run, tokenizer) -> SamplingConfig:
     """Evaluation sampling: unfiltered, at --eval-temperature, --eval-max-new-tokens,
     with the rollouts' EOS, stop strings and batch size."""
-    d = run.data
-    eos_id = d.eos_id if d.eos_id is not None else (tokenizer.eos_id if tokenizer else None)
+    from ..training.train import run_eos_id
+
     return SamplingConfig(max_new_tokens=run.eval_max_new_tokens, temperature=run.eval_temperature,
-                          eos_id=eos_id, max_batch_size=d.rollout_batch_size, stop_strings=run.data_stop_strings())
+                          eos_id=run_eos_id(run, tokenizer), max_batch_size=run.data.rollout_batch_size,
+                          stop_strings=run.data_stop_strings())
 
 
 def load_run_problems(run, tokenizer, *, log=print) -> list[EvalProblem]:

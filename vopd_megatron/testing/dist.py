@@ -17,7 +17,6 @@ from __future__ import annotations
 import atexit
 import os
 import queue
-import socket
 import traceback
 from datetime import timedelta
 
@@ -25,15 +24,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..net import free_local_port
+
 
 class RankError(RuntimeError):
     """A case failed on one or more ranks; the message carries their tracebacks."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world_size, port, tasks, results, collective_timeout_s, env=None):
@@ -97,7 +92,7 @@ class GlooPool:
 
     def _start(self):
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_local_port()
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._results = ctx.Queue()
         self._procs = [

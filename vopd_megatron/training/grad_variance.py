@@ -51,19 +51,18 @@ def variance_summary(grads: torch.Tensor) -> dict[str, float]:
 
 
 def measure(models, run, prompts: list[list[int]], modes: list[str], resamples: int, top_k: int,
-            seed: int = 0) -> dict[str, dict]:
-    """Per mode: the variance summary of its gradient over `resamples` paired draws."""
-    from ..rollout import RolloutSampler, SamplingConfig
+            seed: int = 0, tokenizer=None) -> dict[str, dict]:
+    """Per mode: the variance summary of its gradient over `resamples` paired draws,
+    sampled exactly as vopd-train samples its rollouts."""
+    from ..rollout import RolloutSampler
     from .data import Rollout
     from .step import forward_backward
-    from .train import dp_microbatches
+    from .train import dp_microbatches, rollout_sampling_config
 
     if resamples < 2:
         raise ValueError("--resamples must be >= 2")
-    d = run.data
-    sampler = RolloutSampler(models.student, SamplingConfig(
-        max_new_tokens=d.rollout_max_new_tokens, temperature=run.distill.vopd_temperature,
-        eos_id=d.eos_id, max_batch_size=d.rollout_batch_size), run.model.vocab_size)
+    sampler = RolloutSampler(models.student, rollout_sampling_config(run, tokenizer), run.model.vocab_size,
+                             tokenizer=tokenizer)
     grads = {m: [] for m in modes}
     base = run.distill.loss_config()
     for r in range(resamples):
@@ -89,22 +88,26 @@ def main(argv=None):
     pre.add_argument("--out", default=None, help="write the result as JSON here")
     own, rest = pre.parse_known_args(argv)
     from ..config import parse_config
-    from ..data import load_prompt_dataset, load_tokenizer
+    from ..config.schema import ConfigError
     from .checkpoint import load_model_weights
     from .setup import build_models, initialize_parallel
     from .step import wire_megatron_hooks
-    from .train import init_distributed
+    from .train import init_distributed, load_inputs
 
     run, _ = parse_config(rest + ["--global-batch-size", str(own.prompts)])
     modes = own.modes.split(",")
     unknown = set(modes) - set(LOSS_MODES)
     if unknown:
         raise SystemExit(f"error: unknown modes {sorted(unknown)}")
-    run.validate(int(os.environ.get("WORLD_SIZE", 1)))
     if run.parallel.tensor_model_parallel_size != 1 or run.parallel.pipeline_model_parallel_size != 1:
         raise SystemExit("error: the exact variance measurement supports TP = 1 and PP = 1 (small models)")
     if not run.data.prompt_data:
         raise SystemExit("error: give --prompt-data (the fixed batch is its first --prompts prompts)")
+    try:  # bad flags or data: a one-line error before anything is built
+        run.validate(int(os.environ.get("WORLD_SIZE", 1)))
+        inputs = load_inputs(run, evaluate=False)  # tokenized exactly as vopd-train's prompts
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     init_distributed()
     initialize_parallel(run)
     models = build_models(run)
@@ -113,12 +116,8 @@ def main(argv=None):
         load_model_weights(run.checkpoint.teacher_load, [models.teacher])
     if run.checkpoint.load:
         load_model_weights(run.checkpoint.load, models.student)
-    d = run.data
-    tok = load_tokenizer(d.tokenizer_model) if d.tokenizer_model else None
-    prompts, _ = load_prompt_dataset(d.prompt_data, tok, run.model.seq_length + 1 - d.rollout_max_new_tokens,
-                                     prompt_field=d.prompt_field, vocab_size=run.model.vocab_size)
-    result = measure(models, run, prompts[: own.prompts], modes, own.resamples,
-                     top_k=run.distill.vopd_top_k or 4, seed=run.train.seed)
+    result = measure(models, run, inputs.prompts[: own.prompts], modes, own.resamples,
+                     top_k=run.distill.vopd_top_k or 4, seed=run.train.seed, tokenizer=inputs.tokenizer)
     if dist.get_rank() == 0:
         for mode, s in result.items():
             print(f"[variance] {mode:10s} total variance {s['total_variance']:.4e} "

@@ -28,35 +28,32 @@ token mean over the whole batch for any TP/DP/microbatch split.
 from __future__ import annotations
 
 import argparse
-import sys
 import dataclasses
-import json
 import os
+import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..data.prompts import read_records
 from .data import Rollout
 
 
 def load_sft_rows(path, tokenizer, eos_id: int | None, seq_length: int) -> list[Rollout]:
-    """Tokenized (prompt, completion + EOS) pairs; a row longer than seq_length + 1 is an error."""
+    """Tokenized (prompt, completion + EOS) pairs from JSONL / Parquet records;
+    a row longer than seq_length + 1 is an error."""
     rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for where, rec in read_records(path):
         for key in ("prompt", "completion"):
             if not isinstance(rec.get(key), str):
-                raise ValueError(f"{path}:{i + 1}: needs a text field {key!r}")
+                raise ValueError(f"{where}: needs a text field {key!r}")
         prompt = tokenizer.encode(rec["prompt"], add_special_tokens=False)
         completion = tokenizer.encode(rec["completion"], add_special_tokens=False)
         completion += [eos_id] if eos_id is not None else []
         if not prompt or len(prompt) + len(completion) > seq_length + 1:
-            raise ValueError(f"{path}:{i + 1}: {len(prompt) + len(completion)} tokens do not fit "
+            raise ValueError(f"{where}: {len(prompt) + len(completion)} tokens do not fit "
                              f"--seq-length {seq_length} (+1), or the prompt is empty")
         rows.append(Rollout(prompt, completion))
     if not rows:
@@ -183,14 +180,14 @@ def main(argv=None):
     from ..data import load_tokenizer
     from .checkpoint import load_model_weights, save_checkpoint
     from .setup import initialize_parallel
-    from .train import dp_microbatches, init_distributed
+    from .train import dp_microbatches, init_distributed, run_eos_id
 
     if not run.data.tokenizer_model:
         raise SystemExit("error: vopd-sft needs --tokenizer-model (the text is tokenized here)")
     try:  # bad flags or data: a one-line error before anything is built
         run.validate(int(os.environ.get("WORLD_SIZE", 1)))
         tokenizer = load_tokenizer(run.data.tokenizer_model)
-        eos = run.data.eos_id if run.data.eos_id is not None else tokenizer.eos_id
+        eos = run_eos_id(run, tokenizer)
         rows = ShuffledRows(load_sft_rows(own.sft_data, tokenizer, eos, run.model.seq_length), run.train.seed)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None

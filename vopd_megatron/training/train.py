@@ -12,7 +12,6 @@ under `torchrun` (any TP x PP x DP) or as a plain single process.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,6 +23,7 @@ from ..config import parse_config
 from ..config.args import to_flat_dict
 from ..config.schema import ConfigError
 from ..data import check_compatible, load_prompt_dataset, load_tokenizer
+from ..net import free_local_port
 from .data import JsonlRolloutSource, collate, rollout_stats
 
 
@@ -33,11 +33,8 @@ def init_distributed() -> int:
 
     cpu_compat.enable()  # no-op with CUDA
     if "RANK" not in os.environ:  # plain `python`: a single rank
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_local_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=30))
@@ -100,23 +97,37 @@ def load_inputs(run, evaluate: bool) -> RunInputs:
     return RunInputs(tokenizer, prompts, rollout_file, problems)
 
 
+def run_eos_id(run, tokenizer) -> int | None:
+    """--eos-id, else the tokenizer's EOS (None: neither is known)."""
+    if run.data.eos_id is not None:
+        return run.data.eos_id
+    return tokenizer.eos_id if tokenizer is not None else None
+
+
+def rollout_sampling_config(run, tokenizer):
+    """How training rollouts are sampled: at the loss temperature, with the
+    --rollout-* limits and filters, EOS and stop strings."""
+    from ..rollout import SamplingConfig
+
+    d = run.data
+    return SamplingConfig(
+        max_new_tokens=d.rollout_max_new_tokens, temperature=run.distill.vopd_temperature,
+        top_k=d.rollout_top_k, top_p=d.rollout_top_p, eos_id=run_eos_id(run, tokenizer),
+        max_batch_size=d.rollout_batch_size, stop_strings=run.data_stop_strings(),
+    )
+
+
 def rollout_source(run, models, inputs: RunInputs):
     """On-policy sampling from the student (--prompt-data) or a rollout file (--rollout-data)."""
     if inputs.rollout_file is not None:
         return inputs.rollout_file
     from megatron.core import parallel_state
 
-    from ..rollout import OnPolicyRolloutSource, RolloutSampler, SamplingConfig
+    from ..rollout import OnPolicyRolloutSource, RolloutSampler
 
-    d, tokenizer = run.data, inputs.tokenizer
-    eos_id = d.eos_id if d.eos_id is not None else (tokenizer.eos_id if tokenizer else None)
-    sampling = SamplingConfig(
-        max_new_tokens=d.rollout_max_new_tokens, temperature=run.distill.vopd_temperature,
-        top_k=d.rollout_top_k, top_p=d.rollout_top_p, eos_id=eos_id, max_batch_size=d.rollout_batch_size,
-        stop_strings=run.data_stop_strings(),
-    )
-    sampler = RolloutSampler(models.student, sampling, run.model.vocab_size, loss_mode=run.distill.vopd_loss,
-                             tokenizer=tokenizer)
+    tokenizer = inputs.tokenizer
+    sampler = RolloutSampler(models.student, rollout_sampling_config(run, tokenizer), run.model.vocab_size,
+                             loss_mode=run.distill.vopd_loss, tokenizer=tokenizer)
     return OnPolicyRolloutSource(sampler, inputs.prompts, seed=run.train.seed,
                                  dp_group=parallel_state.get_data_parallel_group())
 
