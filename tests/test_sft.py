@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 
+from tests.test_train_step import _teardown, _unwrap
 from vopd_megatron.config.schema import ModelArgs, ParallelArgs, RunConfig, TrainArgs
 from vopd_megatron.training.data import Rollout, collate
 
@@ -41,24 +42,12 @@ def global_batch():
     return out
 
 
-def _unwrap(m):
-    from megatron.core.utils import unwrap_model
-
-    return unwrap_model(m)
-
-
 def _build(run):
     from vopd_megatron.training.setup import initialize_parallel
     from vopd_megatron.training.sft import build_student
 
     initialize_parallel(run)
     return build_student(run)[0]
-
-
-def _teardown():
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
 
 
 def make_initial(ckpt):

@@ -69,8 +69,8 @@ def local_statistics(zs, us, local_target, owned, need_opt, k, out, cols_out=Non
     if w == 0:
         out[Z_MAX].fill_(float("-inf"))
         out[U_MAX].fill_(float("-inf"))
-        if k:
-            out[-2 * k : -k].fill_(float("-inf"))
+        if k:  # no candidates: -inf values, 0 teacher logits
+            local_topk(zs, us, k, out[-2 * k :], cols_out)
         return
     z_max = zs.amax(dim=-1)  # [n]
     u_max = us.amax(dim=-1)  # [n]
