@@ -10,7 +10,8 @@ too (the original exception, with its cause).
 What counts as a user error (`is_user_error`):
 
 - `UserError` and its subclasses: `DataError` (a data file: prompts,
-  rollouts, evaluation problems, SFT rows, a tokenizer), `TrainingFault`
+  rollouts, evaluation problems, SFT rows, a tokenizer; `MissingFileError`
+  when the path is missing or not a file), `TrainingFault`
   (training had to stop: a non-finite loss or gradient norm) and
   `MissingDependency` (an optional package the input needs);
 - the project's older error classes, which mean the same and are mapped
@@ -64,6 +65,11 @@ class UserError(Exception):
 class DataError(UserError, ValueError):
     """A data file that cannot be used; the message names the file, the row
     (line number, or Parquet row) and the field."""
+
+
+class MissingFileError(DataError, FileNotFoundError):
+    """An input path that does not exist, or is a directory where a file is
+    expected (also a FileNotFoundError, for callers that catch that)."""
 
 
 class TrainingFault(UserError, RuntimeError):
