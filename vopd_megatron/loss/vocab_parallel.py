@@ -283,6 +283,11 @@ def _check_finite(st, mask) -> bool:
     return bool(flags[2])
 
 
+def _check_teacher_finite(st, mask=None) -> bool:
+    """The former name of `_check_finite` (which now names the student too); all rows live without a mask."""
+    return _check_finite(st, torch.ones_like(st.kl) if mask is None else mask)
+
+
 class NonFiniteLogitsError(UserError, ValueError):
     """Student or teacher logits that are NaN or infinite on a live token (a
     diverged student, a broken teacher checkpoint): a fault of the run's
