@@ -20,6 +20,7 @@ from ..config.schema import RunConfig
 from ..loss import LossConfig, summarize_metrics
 from ..megatron.loss_adapter import make_loss_func
 from ..model.distill import p2p_shape_adjuster
+from .faults import naming_rows
 
 
 @dataclass
@@ -51,10 +52,11 @@ def _forward_step(loss_config: LossConfig, vocab_size: int, mask, data_iterator,
         if behavior is None:
             raise ValueError("--vopd-ppo-clip needs rollouts that carry the sampler's log-probs")
         old = behavior
-    return student_logits, make_loss_func(
+    loss_func = make_loss_func(
         teacher_logits=teacher_logits, labels=mb["labels"], loss_mask=mb["loss_mask"],
         config=loss_config, vocab_size=vocab_size, behavior_logprobs=behavior, old_logprobs=old,
     )
+    return student_logits, naming_rows(loss_func, mb.get("sources"), mb["labels"].shape[-1])
 
 
 def wire_megatron_hooks(models, run: RunConfig) -> None:
