@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCALARS = {
     "loss", "kl", "log_ratio", "advantage", "baseline_explained_variance", "grad_norm", "lr",
-    "tokens_per_s", "time/step_s", "time/teacher_forward_s", "time/student_forward_s",
+    "tokens_per_s", "time/step_s", "time/teacher_forward_s", "time/student_forward_s", "time/loss_forward_s",
     "time/backward_and_optimizer_s", "memory/peak_gb",
 }
 

@@ -19,7 +19,7 @@ import torch
 
 from tests.test_vocab_parallel import check_case, make_inputs, normalised_error, reference, run_parallel
 from vopd_megatron.loss import LOSS_MODES, LossConfig, vocab_parallel_opd_loss
-from vopd_megatron.loss.backend import use_triton
+from vopd_megatron.loss.backend import DEFAULT_GPU_TILES, parse_tiles, use_triton
 from vopd_megatron.testing import GlooPool
 
 WORLD = 2
@@ -171,32 +171,55 @@ def test_backend_choice_and_errors(monkeypatch):
         vocab_parallel_opd_loss(z, z, torch.zeros(2, dtype=torch.long), torch.ones(2), LossConfig(backend="triton"))
 
 
+def test_tile_override(monkeypatch):
+    # VOPD_TRITON_TILES replaces the named family only; malformed values are
+    # refused with the variable's name, and vopd-train's pre-flight check
+    # (check_runtime) turns that into its one-line ConfigError.
+    from vopd_megatron.config.schema import ConfigError, RunConfig
+
+    tiles = parse_tiles("stats=2x8192x32")
+    assert tiles == {"stats": (2, 8192, 32), "grad": DEFAULT_GPU_TILES["grad"]}
+    assert parse_tiles(" grad=8x512x4 , stats=1x2048x8")["grad"] == (8, 512, 4)
+    assert parse_tiles("") == DEFAULT_GPU_TILES
+    for bad in ("stats=3x4096x16", "grad=4x1024x64", "loss=1x1024x4", "stats=1x4096", "stats=1x0x4", "grad"):
+        with pytest.raises(ValueError, match="VOPD_TRITON_TILES"):
+            parse_tiles(bad)
+    monkeypatch.setenv("VOPD_TRITON_TILES", "stats=1x1000x16")
+    with pytest.raises(ConfigError, match="VOPD_TRITON_TILES='stats=1x1000x16'"):
+        RunConfig().check_runtime()
+
+
 # --- compiled on a GPU ----------------------------------------------------------------
 
 
-def gpu_case(mode, dtype, vocab, shape, seed, temperature):
+def gpu_case(mode, dtype, vocab, shape, seed, temperature, device="cuda"):
     config = triton_config(mode, temperature=temperature, top_k=5)
     inputs = make_inputs(seed, shape, vocab)
     z, u = inputs[0].to(dtype), inputs[1].to(dtype)
-    ref_inputs = (z.double(), u.double()) + inputs[2:]
-    zc = z.cuda().requires_grad_()
-    loss_sum, num_tokens, _ = vocab_parallel_opd_loss(zc, u.cuda(), inputs[2].cuda(), inputs[3].cuda(), config)
+    # The float64 reference runs on the same device (the CPU would take seconds
+    # per case at V = 128256), on exactly the values the kernels see.
+    ref_inputs = tuple(x.to(device) for x in (z.double(), u.double()) + inputs[2:])
+    zc = z.to(device).requires_grad_()
+    loss_sum, num_tokens, _ = vocab_parallel_opd_loss(zc, u.to(device), *ref_inputs[2:], config)
     loss_sum.backward()
     ref_loss, ref_tokens, _, ref_grad = reference(config, ref_inputs, vocab)
     assert int(num_tokens) == ref_tokens
     tol = GPU_TOLERANCE[dtype]
-    val_err = abs(float(loss_sum.double().cpu() - ref_loss)) / max(abs(float(ref_loss)), 1.0)
-    grad_err = normalised_error(zc.grad.double().cpu(), ref_grad)
+    val_err = abs(float(loss_sum.detach().double() - ref_loss)) / max(abs(float(ref_loss)), 1.0)
+    grad_err = normalised_error(zc.grad.double(), ref_grad)
     assert val_err <= tol["value"], f"loss error {val_err:.2e}"
     assert grad_err <= tol["grad"], f"grad error {grad_err:.2e}"
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("vocab,shape", [(1271, (6, 3)), (32000, (16, 4))])
+@pytest.mark.parametrize("vocab,shape", [(1271, (6, 3)), (32000, (16, 4)), (128256, (16, 4))],
+                         ids=["V1271", "V32000", "V128256"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", LOSS_MODES)
-def test_gpu_compiled_matches_reference(mode, dtype, vocab, shape):
-    gpu_case(mode, dtype, vocab, shape, seed=7, temperature=0.7)
+def test_gpu_compiled_matches_reference(gpu_device, mode, dtype, vocab, shape):
+    # Compiled on CUDA; with --gpu-on-cpu (the acceptance script's CPU
+    # rehearsal) the same code on CPU tensors in the interpreter.
+    gpu_case(mode, dtype, vocab, shape, seed=7, temperature=0.7, device=gpu_device)
 
 
 @pytest.mark.gpu
@@ -232,10 +255,11 @@ def kernel_signatures(dtype="bf16"):
                   coef_ptr="*fp32", tgt_ptr="*i64")
     full = sig(TK._full_kl_grad_kernel, z_ptr=f"*{dtype}", u_ptr=f"*{dtype}", g_ptr=f"*{dtype}", max_z_ptr="*fp32",
                lse_z_ptr="*fp32", max_u_ptr="*fp32", lse_u_ptr="*fp32", kl_ptr="*fp32", coef_ptr="*fp32")
+    (sn, sv, sw), (gn, gv, gw) = DEFAULT_GPU_TILES["stats"], DEFAULT_GPU_TILES["grad"]  # the committed launch shapes
     return [
-        (TK._stats_kernel, stats, {"TEMPERED": True, "NEED_OPT": True, "BLOCK_N": 1, "BLOCK_V": 4096}, 16),
-        (TK._sampled_grad_kernel, sampled, {"TEMPERED": True, "BLOCK_N": 4, "BLOCK_V": 1024}, 8),
-        (TK._full_kl_grad_kernel, full, {"TEMPERED": True, "BLOCK_N": 4, "BLOCK_V": 1024}, 8),
+        (TK._stats_kernel, stats, {"TEMPERED": True, "NEED_OPT": True, "BLOCK_N": sn, "BLOCK_V": sv}, sw),
+        (TK._sampled_grad_kernel, sampled, {"TEMPERED": True, "BLOCK_N": gn, "BLOCK_V": gv}, gw),
+        (TK._full_kl_grad_kernel, full, {"TEMPERED": True, "BLOCK_N": gn, "BLOCK_V": gv}, gw),
     ]
 
 

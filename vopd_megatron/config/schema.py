@@ -352,6 +352,12 @@ class RunConfig:
         """Raise ConfigError for what this machine lacks (Transformer Engine, an
         FP8 GPU); run before any process group or weight exists. Separate from
         validate() so that --dry-run can plan a GPU job on a machine without one."""
+        from ..loss.backend import env_tiles
+
+        try:
+            env_tiles()  # a malformed VOPD_TRITON_TILES (loss kernel tile override)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.distill.teacher_fp8:
             from ..model.fp8 import fp8_runtime_problems
 

@@ -22,6 +22,13 @@ import torch
 from .config import BACKENDS
 #: Input dtypes the kernels accept (statistics are fp32; fp64 stays on PyTorch).
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: The kernels' launch shapes on a GPU, (BLOCK_N, BLOCK_V, num_warps) per kernel
+#: family: "stats" for the row-reduction pass, "grad" for the element-wise
+#: gradient kernels (triton_kernels.py). Not tuned on a GPU yet.
+DEFAULT_GPU_TILES = {"stats": (1, 4096, 16), "grad": (4, 1024, 8)}
+#: Overrides DEFAULT_GPU_TILES for one run, e.g. "stats=1x8192x16,grad=8x512x4"
+#: (either family): how a tile-sweep winner is tried end to end without editing code.
+TILES_ENV = "VOPD_TRITON_TILES"
 
 
 @functools.cache
@@ -53,3 +60,26 @@ def use_triton(backend: str, logits: torch.Tensor) -> bool:
             "interpreter (TRITON_INTERPRET=1 set before the kernels are imported) for CPU tensors"
         )
     return True
+
+
+def parse_tiles(text: str | None, defaults: dict = DEFAULT_GPU_TILES) -> dict[str, tuple[int, int, int]]:
+    """`defaults` with the families named in `text` ("stats=BNxBVxWARPS,grad=...")
+    replaced. Every number must be a power of two (Triton's `tl.arange` and
+    warp counts), warps at most 32; ValueError naming VOPD_TRITON_TILES otherwise."""
+    tiles = dict(defaults)
+    for item in filter(None, (text or "").replace(" ", "").split(",")):
+        key, _, value = item.partition("=")
+        parts = value.lower().split("x")
+        ok = key in tiles and len(parts) == 3 and all(p.isdigit() and int(p) > 0 for p in parts)
+        shape = tuple(int(p) for p in parts) if ok else ()
+        if not ok or any(n & (n - 1) for n in shape) or shape[2] > 32:
+            raise ValueError(
+                f"{TILES_ENV}={text!r}: expected {' and/or '.join(tiles)}=BLOCK_NxBLOCK_VxNUM_WARPS, comma-separated, "
+                f"powers of two, at most 32 warps (e.g. stats=1x4096x16,grad=4x1024x8); got {item!r}")
+        tiles[key] = shape
+    return tiles
+
+
+def env_tiles() -> dict[str, tuple[int, int, int]]:
+    """The GPU launch shapes of this process: the defaults, or VOPD_TRITON_TILES."""
+    return parse_tiles(os.environ.get(TILES_ENV))

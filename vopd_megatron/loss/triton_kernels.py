@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import backend as B
 from . import stats as S
 
 
@@ -195,15 +196,23 @@ def _full_kl_grad_kernel(
 #: Python overhead; tests shrink it to force many row blocks and column tiles.
 CPU_BLOCKS = (16, 1024)
 
+#: Launch shapes on a GPU, (BLOCK_N, BLOCK_V, num_warps) per kernel family:
+#: "stats" is the row-reduction pass (one row per program, the row loops over
+#: its shard in wide column tiles), "grad" the two element-wise gradient kernels
+#: (2-D tiles). backend.DEFAULT_GPU_TILES unless VOPD_TRITON_TILES overrides
+#: them (read when this module is imported); benchmarks/tile_sweep.py times
+#: alternatives.
+GPU_BLOCKS = B.env_tiles()
 
-def _blocks(t: torch.Tensor, reduce: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_V, num_warps). On a GPU: one row per program and wide
-    column tiles for the reduction (the row loops over its shard), 2-D tiles
-    for the element-wise gradients. Not tuned on a GPU yet (see
-    docs/performance.md)."""
+
+def _blocks(t: torch.Tensor, reduce: bool, blocks: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_V, num_warps): `blocks` if given (the tile sweep), else
+    GPU_BLOCKS["stats" | "grad"] on a GPU and CPU_BLOCKS in the interpreter."""
+    if blocks is not None:
+        return tuple(blocks)
     if not t.is_cuda:
         return CPU_BLOCKS + (1,)
-    return (1, 4096, 16) if reduce else (4, 1024, 8)
+    return GPU_BLOCKS["stats" if reduce else "grad"]
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -211,19 +220,20 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def shard_statistics(z, u, local_target, width, temperature, need_opt, out) -> None:
+def shard_statistics(z, u, local_target, width, temperature, need_opt, out, blocks=None) -> None:
     """Fill the scalar rows of `out [R, N]` (as stats.local_statistics does) in one fused pass.
 
     z, u: [N, P] shards (read-only); local_target: [N] int64, -1 where this
     shard does not own the target; width: real columns of the shard.
-    The top-k rows, if any, are left to `stats.local_topk`.
+    The top-k rows, if any, are left to `stats.local_topk`. blocks: launch
+    shape (BLOCK_N, BLOCK_V, num_warps) instead of the defaults (`_blocks`).
     """
     z, u = _rows_contiguous(z), _rows_contiguous(u)
     n = z.shape[0]
     if n == 0:
         return
     assert out.dtype == torch.float32 and out.stride(1) == 1, "statistics rows must be contiguous fp32"
-    bn, bv, warps = _blocks(z, reduce=True)
+    bn, bv, warps = _blocks(z, reduce=True, blocks=blocks)
     bv = min(bv, max(16, triton.next_power_of_2(max(width, 1))))
     _stats_kernel[(triton.cdiv(n, bn),)](
         z, u, local_target, out, n, width, z.stride(0), u.stride(0), out.stride(0), float(temperature),
@@ -231,16 +241,16 @@ def shard_statistics(z, u, local_target, width, temperature, need_opt, out) -> N
     )
 
 
-def _gradient_tiles(z: torch.Tensor):
+def _gradient_tiles(z: torch.Tensor, blocks=None):
     """Launch grid and tile sizes of the element-wise gradient kernels over a
     non-empty [N, P] shard: 2-D tiles, the vocab tile no wider than the shard."""
     n, part = z.shape
-    bn, bv, warps = _blocks(z, reduce=False)
+    bn, bv, warps = _blocks(z, reduce=False, blocks=blocks)
     bv = min(bv, max(16, triton.next_power_of_2(part)))
     return (triton.cdiv(n, bn), triton.cdiv(part, bv)), bn, bv, warps
 
 
-def sampled_gradient(z, lse_z, coef, local_target, width, temperature, z_max=None) -> torch.Tensor:
+def sampled_gradient(z, lse_z, coef, local_target, width, temperature, z_max=None, blocks=None) -> torch.Tensor:
     """dz [N, P] in z's dtype: coef_t (e_a - p) on real columns, 0 on padding
     and on rows with coef_t = 0.
 
@@ -253,7 +263,7 @@ def sampled_gradient(z, lse_z, coef, local_target, width, temperature, z_max=Non
     dz = torch.empty_like(z, memory_format=torch.contiguous_format)  # [N, P]
     if n == 0 or part == 0:
         return dz.zero_()
-    grid, bn, bv, warps = _gradient_tiles(z)
+    grid, bn, bv, warps = _gradient_tiles(z, blocks)
     _sampled_grad_kernel[grid](
         z, dz, (torch.zeros_like(lse_z) if z_max is None else z_max).float().contiguous(),
         lse_z.float().contiguous(), coef.float().contiguous(), local_target, n, width, part,
@@ -262,7 +272,7 @@ def sampled_gradient(z, lse_z, coef, local_target, width, temperature, z_max=Non
     return dz
 
 
-def full_kl_gradient(z, u, st: S.GlobalStats, coef, width, temperature) -> torch.Tensor:
+def full_kl_gradient(z, u, st: S.GlobalStats, coef, width, temperature, blocks=None) -> torch.Tensor:
     """coef_t p (log p - log q - K) [N, P] in z's dtype; 0 on padded columns.
 
     coef: [N] fp32 = mask / tau. Reads z and u once, writes the gradient once.
@@ -273,7 +283,7 @@ def full_kl_gradient(z, u, st: S.GlobalStats, coef, width, temperature) -> torch
     g = torch.empty_like(z, memory_format=torch.contiguous_format)  # [N, P]
     if n == 0 or part == 0:
         return g.zero_()
-    grid, bn, bv, warps = _gradient_tiles(z)
+    grid, bn, bv, warps = _gradient_tiles(z, blocks)
     _full_kl_grad_kernel[grid](
         z, u, g, *_normalisers(st), st.kl.contiguous(), coef.float().contiguous(),
         n, width, part, z.stride(0), u.stride(0), g.stride(0), float(temperature),

@@ -16,9 +16,9 @@ Checkpointing, DDP and the optimizer see the student alone.
 """
 from __future__ import annotations
 
-import time
-
 import torch
+
+from ..timing import SectionTimer
 
 
 def _unwrapped(module):
@@ -46,8 +46,9 @@ class DistillationStage(torch.nn.Module):
         self.post_process = inner.post_process
         self.student_hidden = inner.config.hidden_size
         self.teacher_hidden = _unwrapped(teacher).config.hidden_size
-        self.teacher_forward_s = 0.0  # accumulated, read and reset by the training step
-        self.student_forward_s = 0.0
+        # "teacher_forward", "student_forward" (and the step's "loss_forward"),
+        # accumulated over microbatches, read and reset by the training step.
+        self.timer = SectionTimer()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -67,13 +68,10 @@ class DistillationStage(torch.nn.Module):
         _unwrapped(self.teacher).set_input_tensor(teacher_in)
 
     def forward(self, input_ids, position_ids, attention_mask):
-        t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self.timer.section("teacher_forward"):
             teacher_out = self.teacher(input_ids, position_ids, attention_mask)
-        t1 = time.perf_counter()
-        student_out = self.student(input_ids, position_ids, attention_mask)
-        self.teacher_forward_s += t1 - t0
-        self.student_forward_s += time.perf_counter() - t1
+        with self.timer.section("student_forward"):
+            student_out = self.student(input_ids, position_ids, attention_mask)
         if self.post_process:
             return student_out, teacher_out
         return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)

@@ -59,6 +59,7 @@ class StepLogger:
             "time/rollout_s": sec.get("rollout", 0.0),
             "time/teacher_forward_s": sec.get("teacher_forward", 0.0),
             "time/student_forward_s": sec.get("student_forward", 0.0),
+            "time/loss_forward_s": sec.get("loss_forward", 0.0),
             "time/backward_and_optimizer_s": sec.get("backward_and_optimizer", 0.0),
             "memory/peak_gb": peak_memory_gb(),
         }

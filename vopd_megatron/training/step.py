@@ -30,7 +30,8 @@ class StepResult:
     lr: float = float("nan")
     num_tokens: int = 0
     skipped: bool = False
-    seconds: dict = field(default_factory=dict)  # step, teacher_forward, student_forward, backward
+    seconds: dict = field(default_factory=dict)  # step, teacher_forward, student_forward, loss_forward,
+    # backward_and_optimizer (the rest of the step); vopd-train adds rollout
 
 
 def causal_mask(seq_length: int, device) -> torch.Tensor:
@@ -56,7 +57,15 @@ def _forward_step(loss_config: LossConfig, vocab_size: int, mask, data_iterator,
         teacher_logits=teacher_logits, labels=mb["labels"], loss_mask=mb["loss_mask"],
         config=loss_config, vocab_size=vocab_size, behavior_logprobs=behavior, old_logprobs=old,
     )
-    return student_logits, naming_rows(loss_func, mb.get("sources"), mb["labels"].shape[-1])
+    loss_func = naming_rows(loss_func, mb.get("sources"), mb["labels"].shape[-1])
+    return student_logits, partial(_timed, model.timer, loss_func)
+
+
+def _timed(timer, loss_func, output_tensor):
+    """The loss forward inside the step's "loss_forward" section (its backward
+    runs inside the schedule's backward pass)."""
+    with timer.section("loss_forward"):
+        return loss_func(output_tensor)
 
 
 def wire_megatron_hooks(models, run: RunConfig) -> None:
@@ -82,7 +91,7 @@ def forward_backward(models, microbatches: list[dict], run: RunConfig, loss_conf
     for chunk in models.student:
         chunk.zero_grad_buffer()
     for stage in models.stages:
-        stage.teacher_forward_s = stage.student_forward_s = 0.0
+        stage.timer.reset()
     device = microbatches[0]["tokens"].device
     seq = run.model.seq_length
     kwargs = {}
@@ -109,12 +118,11 @@ def train_step(models, optimizer, scheduler, microbatches: list[dict], run: RunC
     result.lr = optimizer.param_groups[0]["lr"]
     result.metrics = batch_metrics(losses)
     result.num_tokens = int(round(result.metrics.pop("_tokens", 0)))
-    stage = models.stages[0]
     total = time.perf_counter() - t0
-    result.seconds = {
-        "step": total, "teacher_forward": stage.teacher_forward_s, "student_forward": stage.student_forward_s,
-        "backward_and_optimizer": max(0.0, total - stage.teacher_forward_s - stage.student_forward_s),
-    }
+    parts = {"teacher_forward": 0.0, "student_forward": 0.0, "loss_forward": 0.0}
+    parts.update(models.stages[0].timer.seconds())  # GPU time of each part (timing.py)
+    result.seconds = {"step": total, **parts,
+                      "backward_and_optimizer": max(0.0, total - sum(parts.values()))}
     return result
 
 
