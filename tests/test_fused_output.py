@@ -336,3 +336,51 @@ def test_fused_kernels_compile_to_sm90_cubin():
         assert "div.rn.f32" in ptx, f"{fn.__name__}: tempering is not the IEEE division"
         assert "mma" in ptx, f"{fn.__name__}: the bf16 logit blocks do not run on tensor cores"
 
+
+# --- Megatron: the distillation stage with --vopd-fused-output ------------------------------------
+
+
+def tied_step_case(tp, pp, mode):
+    """Tied output weights (the output layer IS the word embedding; at PP 2 the last
+    stage's copy, whose gradient finalize_model_grads all-reduces with the first
+    stage's): one schedule step on the logits path, one with the fused output,
+    the finalized student gradients of both. Returns (max diff / scale, scale,
+    the output weight's own gradient norm on the last stage)."""
+    from megatron.core import parallel_state
+
+    from tests.test_train_step import GLOBAL_BATCH, SEQ, VOCAB, _setup, _teardown, _unwrap, my_microbatches
+    from vopd_megatron.config.schema import ModelArgs, ParallelArgs, RunConfig, TrainArgs
+    from vopd_megatron.training.step import forward_backward, wire_megatron_hooks
+
+    student = ModelArgs(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=VOCAB, seq_length=SEQ)
+    teacher = ModelArgs(num_layers=2, hidden_size=96, num_attention_heads=4, vocab_size=VOCAB, seq_length=SEQ)
+    run = RunConfig(model=student, teacher=teacher, train=TrainArgs(micro_batch_size=1, global_batch_size=GLOBAL_BATCH),
+                    parallel=ParallelArgs(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    models = _setup(run)
+    try:
+        wire_megatron_hooks(models, run)
+        microbatches = my_microbatches(run, dist.get_world_size())
+        config = LossConfig(mode=mode, top_k=5, temperature=0.8)
+        forward_backward(models, microbatches, run, config)
+        student_model = _unwrap(models.student[0])
+        logits_path = {n: p.main_grad.detach().clone() for n, p in student_model.named_parameters()}
+        models.stages[0].fused_output = True
+        forward_backward(models, microbatches, run, config)
+        scale = torch.tensor(max(float(g.abs().max()) for g in logits_path.values()))
+        dist.all_reduce(scale, op=dist.ReduceOp.MAX)
+        diff = max(float((p.main_grad - logits_path[n]).abs().max()) for n, p in student_model.named_parameters())
+        out_grad = 0.0
+        if parallel_state.is_pipeline_last_stage():
+            out_grad = float(student_model.shared_embedding_or_output_weight().main_grad.norm())
+        return diff / float(scale), sorted(logits_path), out_grad
+    finally:
+        _teardown()
+
+
+@pytest.mark.parametrize("tp,pp,mode", [(2, 1, "vopd"), (1, 2, "full_kl")])
+def test_stage_with_tied_output_weights(gloo_pools, tp, pp, mode):
+    results = gloo_pools(2).run(tied_step_case, tp, pp, mode)
+    for rank, (err, names, out_grad) in enumerate(results):
+        assert not any("output_layer" in n for n in names) or pp > 1, "the model is not tied"
+        assert err < 2e-5, f"rank {rank}: fused output differs from the logits path by {err:.2e}"
+    assert results[-1][2] > 0, "the output weight got no gradient (the comparison would be vacuous)"
