@@ -51,10 +51,27 @@ mean nothing, the run checks that the GPU code path works end to end).
 Megatron's CE subtracts the max from fp32 logits in place, so its rows get a
 fresh clone of the student logits per run, made outside the timed region.
 
+`--fused-output` measures something else: the output layers *and* the loss,
+from both models' hidden states `[N, H]` and output-weight shards `[V/tp, H]`
+(`--hidden`, `--teacher-hidden`), gradients wrt the student's hidden states
+and weight. Per mode, `logits path` forms both `[N, V/tp]` logit shards with
+one GEMM each and runs vocab_parallel_opd_loss (the teacher's logits are
+dropped after the forward, the student's kept by the loss, as in a training
+step; bf16 logits, not the fp32 copies Float16Module hands the loss in
+training, so its memory is the smaller of the two); `fused output` runs
+fused_output_opd_loss (docs/loss.md). Peak extra memory includes the
+returned gradients; the `- dW` column leaves out the weight gradient
+`[V/tp, H_s]`, which both paths produce and which training accumulates into
+Megatron's gradient buffer.
+
     python benchmarks/bench_loss.py                      # CPU: small shape, ~1 min
     python benchmarks/bench_loss.py --csv out.csv        # also write CSV
     python benchmarks/bench_loss.py --backends auto,torch --csv loss_h100.csv   # GPU: N=8192, V=128256, bf16
     torchrun --nproc-per-node 2 benchmarks/bench_loss.py # TP = 2 (optional)
+    python benchmarks/bench_loss.py --fused-output --tokens 2048 --vocab 32000 --hidden 128 \
+        --modes vopd,full_kl --backends torch --repeats 3   # CPU side by side
+    python benchmarks/bench_loss.py --fused-output --vocab 151936 --modes vopd,full_kl,vopd_topk \
+        --backends auto,torch --repeats 20 --warmup 3 --csv fused_v152k.csv   # GPU: N=8192, H=4096, bf16
 """
 from __future__ import annotations
 

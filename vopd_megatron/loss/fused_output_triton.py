@@ -4,15 +4,18 @@ Why: on the PyTorch path each logit tile is written by a GEMM as an fp32
 `[n, w]` buffer and then read several times by the statistics steps. Here the
 tile never leaves registers:
 
-* `_fused_stats_kernel` -- one program per block of rows walks the whole
-  vocabulary shard; per `BLOCK_V` columns it forms the student and teacher
+* `_fused_stats_kernel` -- one program per block of rows and vocabulary
+  split walks its columns; per `BLOCK_V` columns it forms the student and teacher
   logit blocks with `tl.dot` over the hidden dimension (fp32 accumulation),
   tempers them, and folds them into the running statistics with
   `triton_kernels._online_update`, the same step the logits kernel uses; the
-  target logits are picked out of the block that holds them. It writes the
-  scalar rows of stats.py, so the all-gather and the combine are shared.
-  Programs run in step over the vocabulary, so a weight block loaded by one
-  is mostly served from L2 to the others.
+  target logits are picked out of the block that holds them. Each split
+  writes the scalar rows of stats.py for its columns; fused_steps.combine_rows
+  joins the splits (a few `[S, R, N]` ops), and the all-gather and the
+  combine are shared. The splits exist for parallelism: one program per 64
+  rows is only 128 programs at N = 8192. Programs of a split run in step over
+  its columns, so a weight block loaded by one is mostly served from L2 to
+  the others.
 * `_fused_grad_kernel` -- over one vocabulary tile, 2-D blocks recompute the
   student logit block (and the teacher's for `full_kl`) and apply the mode's
   gradient epilogue (`_sampled_grad_values` / `_full_kl_grad_values`, shared
@@ -35,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import fused_steps as F
+from . import stats as S
 from .triton_kernels import (
     _full_kl_grad_values, _online_update, _rows_contiguous, _sampled_grad_values, _store_statistics, _temper,
 )
@@ -67,9 +72,9 @@ def _fused_stats_kernel(
     ht_ptr,  # [N, H_t] teacher hidden states, read-only
     wt_ptr,  # [P, H_t] teacher output-layer shard, read-only
     tgt_ptr,  # [N] int64 target column inside the shard, -1 where not owned
-    out_ptr,  # [R, N] fp32 statistics, rows Z_MAX .. U_TARGET (.. Z_DIFF2) written
-    n_rows, width, ks_dim, kt_dim, stride_hs, stride_ws, stride_ht, stride_wt, stride_out,
-    tau,
+    out_ptr,  # [S, R, N] fp32 statistics of each vocabulary split, rows Z_MAX .. U_TARGET (.. Z_DIFF2) written
+    n_rows, width, split_width, ks_dim, kt_dim, stride_hs, stride_ws, stride_ht, stride_wt, stride_out,
+    stride_split, tau,
     TEMPERED: tl.constexpr, NEED_OPT: tl.constexpr, IEEE_S: tl.constexpr, IEEE_T: tl.constexpr,
     WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -86,9 +91,11 @@ def _fused_stats_kernel(
     z_a = tl.zeros([BLOCK_N], tl.float32)
     u_a = tl.zeros([BLOCK_N], tl.float32)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)  # [BN]
-    for start in range(0, width, BLOCK_V):
+    first = tl.program_id(1) * split_width  # this program's vocabulary split: [first, stop)
+    stop = tl.minimum(first + split_width, width)
+    for start in range(first, stop, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)  # [BV]
-        col_ok = cols < width
+        col_ok = cols < stop
         ok = row_ok[:, None] & col_ok[None, :]  # [BN, BV]
         c64 = cols.to(tl.int64)
         z = _logit_block(hs_ptr, ws_ptr, r64, c64, row_ok, col_ok, ks_dim, stride_hs, stride_ws,
@@ -101,6 +108,7 @@ def _fused_stats_kernel(
         hit = ok & (cols[None, :] == tgt[:, None])  # [BN, BV] the target column, in at most one block
         z_a += tl.sum(tl.where(hit, z, 0.0), axis=1)
         u_a += tl.sum(tl.where(hit, u, 0.0), axis=1)
+    out_ptr += tl.program_id(1) * stride_split
     _store_statistics(out_ptr, rows, row_ok, stride_out, m_z, m_u, s_z, s_u, dif, z_a, u_a, s_2, dif2, NEED_OPT)
 
 
@@ -148,8 +156,19 @@ def _fused_grad_kernel(
 
 #: (BLOCK_N, BLOCK_V, BLOCK_K) under the CPU interpreter (tests shrink or grow them).
 CPU_BLOCKS = (16, 64, 32)
+#: Vocabulary splits of the statistics kernel under the interpreter: 2, so the tests cover the split path.
+CPU_SPLITS = 2
 #: On a GPU: a 64 x 128 GEMM block, 64-deep K steps, 8 warps. Not tuned (no GPU was available).
 GPU_BLOCKS = (64, 128, 64)
+
+
+def _splits(t: torch.Tensor, row_blocks: int, col_blocks: int) -> int:
+    """Vocabulary splits of the statistics kernel: enough programs for two per SM on a
+    GPU (one program per row block alone leaves most SMs idle at N = 8192)."""
+    if not t.is_cuda:
+        return max(1, min(CPU_SPLITS, col_blocks))
+    sms = torch.cuda.get_device_properties(t.device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, row_blocks), col_blocks))
 
 
 def _blocks(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -173,12 +192,19 @@ def fused_statistics(hs, ws, ht, wt, local_target, width, temperature, need_opt,
         return
     assert out.dtype == torch.float32 and out.stride(1) == 1, "statistics rows must be contiguous fp32"
     bn, bv, bk, warps = _blocks(hs)
-    _fused_stats_kernel[(triton.cdiv(n, bn),)](
-        hs, ws, ht, wt, local_target.contiguous(), out, n, width, hs.shape[1], ht.shape[1],
-        hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0), out.stride(0), float(temperature),
+    row_blocks, col_blocks = triton.cdiv(n, bn), triton.cdiv(max(width, 1), bv)
+    splits = _splits(hs, row_blocks, col_blocks)
+    r0 = S.OPT_ROWS if need_opt else S.BASE_ROWS
+    parts = out[None, :r0] if splits == 1 else torch.empty(splits, r0, n, dtype=out.dtype, device=out.device)
+    _fused_stats_kernel[(row_blocks, splits)](
+        hs, ws, ht, wt, local_target.contiguous(), parts, n, width, triton.cdiv(col_blocks, splits) * bv,
+        hs.shape[1], ht.shape[1], hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0), parts.stride(1),
+        parts.stride(0), float(temperature),
         TEMPERED=temperature != 1.0, NEED_OPT=need_opt, IEEE_S=_ieee(hs), IEEE_T=_ieee(ht),
         WIDEN=not hs.is_cuda, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps,
     )
+    if splits > 1:  # the splits are disjoint column sets: fold them as tiles are folded
+        F.combine_rows(parts, need_opt, out[:r0])
 
 
 def _grad_tile(hs, ws, ht, wt, cols, rows, lse_z, lse_u, kl, coef, tgt, temperature, full_kl):

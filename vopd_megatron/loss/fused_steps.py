@@ -99,24 +99,33 @@ def fold_statistics(acc: torch.Tensor, tile: torch.Tensor, need_opt: bool) -> No
     relative to the joint maxima, as if one pass had seen both column sets.
     An empty side (Z_SUM = 0, maxima -inf) contributes nothing.
     """
-    parts = torch.stack([acc[: S.OPT_ROWS if need_opt else S.BASE_ROWS],
-                         tile[: S.OPT_ROWS if need_opt else S.BASE_ROWS]])  # [2, R0, n]
-    z_max, u_max = parts[:, S.Z_MAX], parts[:, S.U_MAX]  # [2, n]
+    r0 = S.OPT_ROWS if need_opt else S.BASE_ROWS
+    combine_rows(torch.stack([acc[:r0], tile[:r0]]), need_opt, acc)
+
+
+def combine_rows(parts: torch.Tensor, need_opt: bool, out: torch.Tensor) -> None:
+    """Scalar rows of disjoint column sets `parts [T, R0, n]` -> the rows of their union, into `out [R0, n]`.
+
+    `stats.combine_statistics` re-bases per-rank rows the same way but goes on
+    to the per-token results; this stops at the rows, so the union can be
+    folded again or all-gathered. `out` may alias `parts`' source rows.
+    """
+    z_max, u_max = parts[:, S.Z_MAX], parts[:, S.U_MAX]  # [T, n]
     gz, gu = z_max.amax(0), u_max.amax(0)  # [n]
-    has = parts[:, S.Z_SUM] > 0  # [2, n]
-    a = torch.where(has, torch.exp(z_max - gz), 0.0)  # [2, n] rescale of each side's e
+    has = parts[:, S.Z_SUM] > 0  # [T, n]
+    a = torch.where(has, torch.exp(z_max - gz), 0.0)  # [T, n] rescale of each part's e
     b = torch.where(has, torch.exp(u_max - gu), 0.0)
-    shift = torch.where(has, (z_max - gz) - (u_max - gu), 0.0)  # re-bases each side's d
-    acc[S.Z_MAX], acc[S.U_MAX] = gz, gu
-    acc[S.Z_SUM] = (a * parts[:, S.Z_SUM]).sum(0)
-    acc[S.U_SUM] = (b * parts[:, S.U_SUM]).sum(0)
-    acc[S.Z_DIFF] = (a * (parts[:, S.Z_DIFF] + parts[:, S.Z_SUM] * shift)).sum(0)
-    acc[S.Z_TARGET] = parts[:, S.Z_TARGET].sum(0)  # only the owning tile contributes
-    acc[S.U_TARGET] = parts[:, S.U_TARGET].sum(0)
+    shift = torch.where(has, (z_max - gz) - (u_max - gu), 0.0)  # re-bases each part's d
+    out[S.Z_MAX], out[S.U_MAX] = gz, gu
+    out[S.Z_SUM] = (a * parts[:, S.Z_SUM]).sum(0)
+    out[S.U_SUM] = (b * parts[:, S.U_SUM]).sum(0)
+    out[S.Z_DIFF] = (a * (parts[:, S.Z_DIFF] + parts[:, S.Z_SUM] * shift)).sum(0)
+    out[S.Z_TARGET] = parts[:, S.Z_TARGET].sum(0)  # only the owning part contributes
+    out[S.U_TARGET] = parts[:, S.U_TARGET].sum(0)
     if need_opt:
         a2 = a * a
-        acc[S.Z_SUM2] = (a2 * parts[:, S.Z_SUM2]).sum(0)
-        acc[S.Z_DIFF2] = (a2 * (parts[:, S.Z_DIFF2] + parts[:, S.Z_SUM2] * shift)).sum(0)
+        out[S.Z_SUM2] = (a2 * parts[:, S.Z_SUM2]).sum(0)
+        out[S.Z_DIFF2] = (a2 * (parts[:, S.Z_DIFF2] + parts[:, S.Z_SUM2] * shift)).sum(0)
 
 
 def fold_topk(acc_top: torch.Tensor, tile_top: torch.Tensor, k: int,

@@ -72,6 +72,11 @@ def fused_output_problems(model) -> list[str]:
     if not getattr(gpt, "post_process", False):
         return problems
     config = gpt.config
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    if not isinstance(gpt.output_layer, ColumnParallelLinear):
+        problems.append(f"the output layer is {type(gpt.output_layer).__name__} (e.g. an MXFP8 output projection), "
+                        "not a plain ColumnParallelLinear")
     if getattr(gpt.output_layer, "bias", None) is not None:
         problems.append("the output layer has a bias")
     if getattr(config, "use_mup", False):
