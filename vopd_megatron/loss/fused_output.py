@@ -34,8 +34,10 @@ gradient buffer as they do for the output layer's own backward.
 
 Backends: "torch" runs the tiles as above; "triton" (fused_output_triton.py)
 forms the statistics in one kernel that computes the logit tiles with
-`tl.dot` and reduces them in registers, and the gradient tiles in another, the
-dgrad / wgrad GEMMs staying on torch. "auto" picks Triton for CUDA tensors.
+`tl.dot` and reduces them in registers (the top-k modes keep the PyTorch
+tiles in forward: `torch.topk` needs them), and the gradient tiles in
+another, the dgrad / wgrad GEMMs staying on torch. "auto" picks Triton for
+CUDA tensors.
 """
 from __future__ import annotations
 
@@ -54,33 +56,31 @@ from .vocab_parallel import (
 
 
 def _local_pass(hs, ws, ht, wt, local_target, owned, cfg, width, k, plan, fused, with_cols):
-    """This shard's `[R, N]` statistics (and `[N, k]` candidate columns for topk_kl)."""
+    """This shard's `[R, N]` statistics (and `[N, k]` candidate columns for topk_kl).
+
+    The Triton kernel makes the scalar rows without any tile in memory; the
+    top-k modes need `torch.topk` on each tile, so their forward runs on the
+    PyTorch tiles, which give the scalar rows from the same two GEMMs.
+    """
     n = hs.shape[0]
     need_opt, tau = cfg.mode == "vopd_opt", cfg.temperature
     rows_r = S.stat_rows(need_opt, k)
     local = F.empty_statistics(rows_r, n, k, S.stat_dtype(hs.dtype), hs.device)  # [R, N]
-    cols = torch.full((n, k), -1, dtype=torch.long, device=hs.device) if with_cols else None
-    if fused:
+    if fused and not k:
         from . import fused_output_triton as TF
 
-        TF.fused_statistics(hs, ws, ht, wt, torch.where(owned, local_target, -1), width, tau, need_opt, local, plan)
-        if not k:
-            return local, cols
+        TF.fused_statistics(hs, ws, ht, wt, torch.where(owned, local_target, -1), width, tau, need_opt, local)
+        return local, None
+    cols = torch.full((n, k), -1, dtype=torch.long, device=hs.device) if with_cols else None
     tile = torch.empty_like(local)  # [R, n] per tile, reused
     tile_cols = torch.empty(n, k, dtype=torch.long, device=hs.device) if with_cols else None
     for c, rows, _, _ in F.tiles(n, width, *plan):
         zs = F.logit_tile(hs[rows], ws[c], tau)  # [n, w] fp32
         us = F.logit_tile(ht[rows], wt[c], tau)  # [n, w] fp32
         t, tc = tile[:, : zs.shape[0]], None if tile_cols is None else tile_cols[: zs.shape[0]]
-        in_tile = owned[rows] & (local_target[rows] >= c.start) & (local_target[rows] < c.stop)
-        if fused:  # the kernel made the scalar rows: only the top-k candidates are left
-            t[-2 * k :].zero_()
-            S.local_topk(zs, us, k, t[-2 * k :], None if tc is None else tc[:, : min(k, zs.shape[1])])
-            if tc is not None:
-                tc[:, min(k, zs.shape[1]) :] = -1
-        else:
-            F.tile_statistics(zs, us, local_target[rows] - c.start, in_tile, need_opt, k, t, tc)
-            F.fold_statistics(local[:, rows], t, need_opt)
+        lt = local_target[rows] - c.start  # [n] target column inside the tile
+        F.tile_statistics(zs, us, lt, owned[rows] & (lt >= 0) & (lt < zs.shape[1]), need_opt, k, t, tc)
+        F.fold_statistics(local[:, rows], t, need_opt)
         if k:
             if tc is not None:
                 tc.add_(torch.where(tc >= 0, c.start, 0))  # tile columns -> shard columns

@@ -23,7 +23,8 @@ tile never leaves registers:
   dtype; the dgrad and wgrad GEMMs run on torch (fused_output.py).
 
 Top-k candidates are not a kernel (as on the logits path): the top-k modes
-recompute the student and teacher tiles with torch GEMMs for `torch.topk`.
+run their forward on the PyTorch tiles (fused_output._local_pass), whose two
+GEMMs per tile give `torch.topk` its input and the statistics at once.
 fp32 inputs use IEEE fp32 dot products (`input_precision="ieee"`, not TF32),
 so fp32 results match the PyTorch path's. Like triton_kernels.py, the
 kernels run compiled on CUDA and under `TRITON_INTERPRET=1` on CPU tensors.
@@ -179,12 +180,11 @@ def _ieee(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32
 
 
-def fused_statistics(hs, ws, ht, wt, local_target, width, temperature, need_opt, out, plan=None) -> None:
+def fused_statistics(hs, ws, ht, wt, local_target, width, temperature, need_opt, out) -> None:
     """Fill the scalar rows of `out [R, N]` from hidden states and weight shards in one kernel.
 
     hs [N, H_s], ws [P, H_s], ht [N, H_t], wt [P, H_t]: read-only; local_target:
     [N] int64 shard column of the target, -1 where not owned; width: real columns.
-    plan: the PyTorch path's tile plan, unused (the kernel walks the shard itself).
     """
     hs, ws, ht, wt = (_rows_contiguous(t) for t in (hs, ws, ht, wt))
     n = hs.shape[0]
