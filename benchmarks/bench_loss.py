@@ -334,10 +334,10 @@ def print_layer_table(results, header: str, inp: LayerInputs) -> None:
     print("|" + "|".join(" --- " for _ in cols) + "|")
     for r in results:
         base = by_name[r["name"].replace(": fused output", ": logits path")]
+        r["mb_no_dw"] = None if r["error"] else r["mb"] - dw_mib
         if r["error"] or base["error"]:
             r.update(x_logits_time="-", x_logits_mem="-", x_logits_mem_no_dw="-")
         else:
-            r["mb_no_dw"] = r["mb"] - dw_mib
             r["x_logits_time"] = ratio(r["ms"], base["ms"])
             r["x_logits_mem"] = ratio(r["mb"], base["mb"], floor=1e-3)
             r["x_logits_mem_no_dw"] = ratio(r["mb_no_dw"], base["mb"] - dw_mib, floor=1e-3)
@@ -492,13 +492,13 @@ def write_csv(path, results, meta: dict, fields=CSV_FIELDS) -> None:
             writer.writerow({**meta, **r})
 
 
-def header_line(args, inp: Inputs, device, tp, compat, peak=None) -> str:
+def header_line(args, width: int, device, tp, compat, peak=None) -> str:
     from importlib.metadata import version
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     memory = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
               else "CPU allocator events from torch.profiler(profile_memory=True)")
-    return (f"N={args.tokens} V={args.vocab} (V/tp={inp.z.shape[-1]}, tp={tp}) {args.dtype} on {where}; "
+    return (f"N={args.tokens} V={args.vocab} (V/tp={width}, tp={tp}) {args.dtype} on {where}; "
             f"median of {args.repeats} after {args.warmup} warm-up; fwd+bwd; "
             f"peak extra memory: {memory}; torch {torch.__version__}, "
             f"megatron-core {version('megatron-core')}; cpu_compat: {compat}; loss backends: {args.backends}"
@@ -533,7 +533,7 @@ def main():
     add_derived(results, inp, peak)
     tp = dist.get_world_size(tp_group)
     if dist.get_rank() == 0:
-        print_table(results, header_line(args, inp, device, tp, compat, peak), peak is not None)
+        print_table(results, header_line(args, inp.z.shape[-1], device, tp, compat, peak), peak is not None)
         if args.csv:
             meta = {"tokens": args.tokens, "vocab": args.vocab, "tp": tp, "dtype": args.dtype,
                     "device": torch.cuda.get_device_name() if gpu else "cpu", "top_k": args.top_k,
@@ -551,8 +551,7 @@ def main_fused_output(args, device, tp_group, dtype, modes, backends, compat):
     results = measure(layer_rows(inp, modes, args.top_k, backends), args, device)
     tp = dist.get_world_size(tp_group)
     if dist.get_rank() == 0:
-        shard = Inputs(inp.ws.new_empty(0, inp.ws.shape[0]), None, None, None, args.vocab, None)  # for the header
-        print_layer_table(results, header_line(args, shard, device, tp, compat), inp)
+        print_layer_table(results, header_line(args, inp.ws.shape[0], device, tp, compat), inp)
         if args.csv:
             meta = {"tokens": args.tokens, "vocab": args.vocab, "tp": tp, "dtype": args.dtype,
                     "hidden": args.hidden, "teacher_hidden": args.teacher_hidden,
