@@ -395,3 +395,33 @@ def test_stage_with_tied_output_weights(gloo_pools, tp, pp, mode, bf16):
         tol = TOLERANCE[torch.bfloat16 if bf16 else torch.float32]["grad"]
         assert err < tol, f"rank {rank}: fused output differs from the logits path by {err:.2e}"
     assert results[-1][2] > 0, "the output weight got no gradient (the comparison would be vacuous)"
+
+
+# --- compiled on a GPU (skipped without CUDA) --------------------------------------------------
+
+GPU_TOLERANCE = {  # as test_triton_kernels: tl.exp is the hardware approximation there
+    torch.float32: {"value": 1e-4, "grad": 1e-4},
+    torch.bfloat16: {"value": 1e-4, "grad": 8e-3},
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", LOSS_MODES)
+def test_gpu_fused_output_matches_reference(mode, dtype, backend):
+    # V = 32000 in 4096-column tiles (the last one ragged), one process.
+    vocab, shape = 32000, (16, 4)
+    inputs = make_hidden_inputs(7, shape, vocab, vocab)
+    hs, ws, ht, wt, targets, mask = inputs
+    cfg = mode_config(mode, temperature=0.7, top_k=5, backend=backend)
+    h, w = hs.to(dtype).cuda().requires_grad_(), ws.to(dtype).cuda().requires_grad_()
+    loss, count, _ = fused_output_opd_loss(h, w, ht.to(dtype).cuda(), wt.to(dtype).cuda(), targets.cuda(),
+                                           mask.cuda(), cfg, tile_width=4096)
+    loss.backward()
+    ref_loss, ref_tokens, _, ref_gh, ref_gw = reference(cfg, inputs, vocab, dtype)
+    tol = GPU_TOLERANCE[dtype]
+    assert int(count) == ref_tokens
+    assert abs(float(loss.double().cpu() - ref_loss)) / max(abs(float(ref_loss)), 1.0) <= tol["value"]
+    assert normalised_error(h.grad.double().cpu(), ref_gh) <= tol["grad"]
+    assert normalised_error(w.grad.double().cpu(), ref_gw) <= tol["grad"]
