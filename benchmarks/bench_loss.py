@@ -87,6 +87,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from vopd_megatron.errors import entry_point
 from vopd_megatron.loss import LOSS_MODES, TOPK_MODES, LossConfig, vocab_parallel_opd_loss
 from vopd_megatron.loss.backend import interpreter_on
 from vopd_megatron.model.builder import te_available
@@ -161,7 +162,7 @@ def make_inputs(n: int, vocab: int, dtype: torch.dtype, device, group) -> Inputs
     """Random logits with a realistic student-teacher gap; each rank draws its own shard."""
     tp, rank = dist.get_world_size(group), dist.get_rank(group)
     if vocab % tp:
-        raise SystemExit(f"--vocab {vocab} must be divisible by the TP size {tp}")
+        raise SystemExit(f"error: --vocab {vocab} must be divisible by the TP size {tp}")
     gen = torch.Generator(device=device).manual_seed(1234 + rank)
     z = 4.0 * torch.randn(n, vocab // tp, device=device, generator=gen)  # [N, V/tp] fp32
     u = z + torch.randn(n, vocab // tp, device=device, generator=gen)  # [N, V/tp] fp32
@@ -506,6 +507,7 @@ def header_line(args, width: int, device, tp, compat, peak=None) -> str:
             + ("; TRITON_INTERPRET=1" if interpreter_on() else "") + "\n")
 
 
+@entry_point
 def main():
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

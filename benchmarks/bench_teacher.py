@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from vopd_megatron.config.schema import ModelArgs, ParallelArgs, TrainArgs
+from vopd_megatron.errors import entry_point
 from vopd_megatron.model.builder import build_gpt_stage, te_available, transformer_config
 from vopd_megatron.model.fp8 import fp8_runtime_problems, fp8_shape_problems
 from vopd_megatron.net import free_local_port
@@ -139,6 +140,7 @@ def drift(ref_logits: torch.Tensor, logits: torch.Tensor, gen: torch.Generator) 
     }
 
 
+@entry_point
 def main():
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

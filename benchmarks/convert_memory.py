@@ -22,6 +22,8 @@ import time
 import torch
 from safetensors.torch import save_file
 
+from vopd_megatron.errors import entry_point
+
 
 def synth_llama(path, layers, hidden, ffn, heads, kv_heads, vocab, shard_bytes=256 * 2**20):
     """A random-weight Llama checkpoint written shard by shard (never whole in memory)."""
@@ -87,6 +89,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
+@entry_point
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=16)

@@ -27,6 +27,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from vopd_megatron.errors import entry_point
 from vopd_megatron.loss.variance import estimator_variance, sampled_baselines
 
 VOCABS = (16, 1000, 32000)
@@ -138,6 +139,7 @@ Largest `vopd_opt / min(others)` over all regimes: {worst:.15f}
 """
 
 
+@entry_point
 def main():
     args = parse_args()
     text, worst = table(args)

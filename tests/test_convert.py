@@ -217,9 +217,10 @@ def test_tp_must_divide_heads_and_groups(converted, tmp_path, tp, match):
         convert_hf_to_megatron(converted["llama"][0], str(tmp_path / "out"), check_tp=tp)
 
 
-def test_cli_error_is_one_clear_line(tmp_path, capsys):
-    assert convert_cli(["hf-to-megatron", "--hf-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
-    assert "no config.json" in capsys.readouterr().err
+def test_cli_error_is_one_clear_line(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        convert_cli(["hf-to-megatron", "--hf-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert str(info.value.code) == f"error: {tmp_path}: no config.json (not a Hugging Face model directory)"
 
 
 def test_rope_scaling_megatron_cannot_express(converted, tmp_path):

@@ -139,6 +139,16 @@ def test_rollout_correction_and_ppo(pool, request, mode):
                tol=TOLERANCE[torch.float32], errors=record(request))
 
 
+@pytest.mark.parametrize("mode", LOSS_MODES)
+def test_extreme_logits_and_non_finite_masked_row(pool, mode):
+    # test_loss_faults' cases through the kernels: the issue's logits of 2e4
+    # (gradient within 1e-4 of float64) and a NaN logit on a masked token.
+    from tests.test_loss_faults import backend_case
+
+    for result in pool.run(backend_case, mode, "triton"):
+        assert result["grad_error"] < 1e-4 and result["masked_row_changes_nothing"], result
+
+
 def test_kernels_ran_in_the_interpreter(pool):
     check_case(pool, 2, torch.float32, triton_config("vopd"), vocab=300, seed=3)
     for flag, kind in pool.run(interpreter_state):
@@ -190,6 +200,15 @@ def test_gpu_compiled_matches_reference(mode, dtype, vocab, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", LOSS_MODES)
+def test_gpu_extreme_logits_and_non_finite_masked_row(mode):
+    from tests.test_loss_faults import backend_case
+
+    result = backend_case(mode, "triton", "cuda")
+    assert result["grad_error"] < 1e-4 and result["masked_row_changes_nothing"], result
+
+
+@pytest.mark.gpu
 def test_gpu_auto_backend_is_triton():
     assert use_triton("auto", torch.zeros(2, 8, device="cuda", dtype=torch.bfloat16))
 
@@ -209,10 +228,10 @@ def kernel_signatures(dtype="bf16"):
         return {n: ptrs.get(n) or ints.get(n) or ("fp32" if n == "tau" else "constexpr") for n in names}
 
     stats = sig(TK._stats_kernel, z_ptr=f"*{dtype}", u_ptr=f"*{dtype}", tgt_ptr="*i64", out_ptr="*fp32")
-    sampled = sig(TK._sampled_grad_kernel, z_ptr=f"*{dtype}", dz_ptr=f"*{dtype}", lse_ptr="*fp32",
+    sampled = sig(TK._sampled_grad_kernel, z_ptr=f"*{dtype}", dz_ptr=f"*{dtype}", max_ptr="*fp32", lse_ptr="*fp32",
                   coef_ptr="*fp32", tgt_ptr="*i64")
-    full = sig(TK._full_kl_grad_kernel, z_ptr=f"*{dtype}", u_ptr=f"*{dtype}", g_ptr=f"*{dtype}", lse_z_ptr="*fp32",
-               lse_u_ptr="*fp32", kl_ptr="*fp32", coef_ptr="*fp32")
+    full = sig(TK._full_kl_grad_kernel, z_ptr=f"*{dtype}", u_ptr=f"*{dtype}", g_ptr=f"*{dtype}", max_z_ptr="*fp32",
+               lse_z_ptr="*fp32", max_u_ptr="*fp32", lse_u_ptr="*fp32", kl_ptr="*fp32", coef_ptr="*fp32")
     return [
         (TK._stats_kernel, stats, {"TEMPERED": True, "NEED_OPT": True, "BLOCK_N": 1, "BLOCK_V": 4096}, 16),
         (TK._sampled_grad_kernel, sampled, {"TEMPERED": True, "BLOCK_N": 4, "BLOCK_V": 1024}, 8),

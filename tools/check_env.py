@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from vopd_megatron.errors import entry_point
+
 
 def optional_version(name):
     if importlib.util.find_spec(name) is None:
@@ -43,6 +45,7 @@ def loss_parity(device) -> float:
     return float((zp.grad.double().cpu() - zr.grad).abs().max() / zr.grad.abs().max())
 
 
+@entry_point
 def main():
     rows = [
         ("python", platform.python_version()),

@@ -6,15 +6,24 @@ dist-checkpointing reshards them on load. Real runs load trained weights
 (converted from Hugging Face or trained with Megatron) instead.
 
     python tools/init_checkpoint.py --config examples/tiny/config.yaml --which teacher --out runs/tiny/teacher
+
+--out must be missing or empty (`--overwrite` replaces its contents): writing
+iteration 0 into an existing run would re-point its tracker at these weights.
 """
 import argparse
+import os
+import shutil
 import sys
 
+from vopd_megatron.errors import UserError, entry_point, reading_inputs
 
+
+@entry_point
 def main(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--which", choices=["student", "teacher"], required=True)
     pre.add_argument("--out", required=True, help="checkpoint directory to write")
+    pre.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     own, rest = pre.parse_known_args(argv)
 
     import torch.distributed as dist
@@ -25,8 +34,13 @@ def main(argv=None):
     from vopd_megatron.training.train import init_distributed
 
     run, _ = parse_config(rest)
-    world = init_distributed()
-    run.validate(world)
+    with reading_inputs():  # before any process group: flags and --out
+        run.validate(int(os.environ.get("WORLD_SIZE", 1)))
+        if os.path.exists(own.out) and (not os.path.isdir(own.out) or os.listdir(own.out)) and not own.overwrite:
+            raise UserError(f"--out {own.out} exists and is not an empty directory; pass --overwrite to replace it")
+    if own.overwrite and int(os.environ.get("RANK", 0)) == 0 and os.path.isdir(own.out):
+        shutil.rmtree(own.out)
+    init_distributed()
     initialize_parallel(run)
     models = build_models(run)
     chosen = models.student if own.which == "student" else [models.teacher]

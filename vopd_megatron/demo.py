@@ -19,6 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .errors import entry_point
 from .loss import LOSS_MODES, LossConfig, vocab_parallel_opd_loss
 from .testing import GlooPool
 
@@ -60,6 +61,7 @@ def distill(mode, states, vocab, steps, lr, top_k, seed):
     return curve
 
 
+@entry_point
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks (gloo processes)")

@@ -7,6 +7,11 @@
 
 The TP/PP sizes given to hf-to-megatron are only checked (heads, query groups,
 layers, FFN must divide); the checkpoint itself loads at any layout.
+
+`--out` must be missing or empty: a conversion writes a new directory, built
+aside and moved in place when complete; `--overwrite` replaces a non-empty
+one (only once the new one is complete). A problem with the input or the
+output is one `error: ...` line naming the file, and exit status 1.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import argparse
 import sys
 
 import yaml
+
+from ..errors import entry_point
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     h2m.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     h2m.add_argument("--tensor-model-parallel-size", type=int, default=1, help="layout to check the model against")
     h2m.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="layout to check the model against")
+    h2m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (default: refuse)")
     m2h = sub.add_parser("megatron-to-hf", help="torch_dist checkpoint -> HF config.json + safetensors")
     m2h.add_argument("--load", required=True, help="checkpoint directory (newest complete iteration is read)")
     m2h.add_argument("--out", required=True, help="HF directory to write")
@@ -34,38 +42,39 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model flags YAML (Megatron-LM names); needed only for checkpoints not converted from HF")
     m2h.add_argument("--model-type", choices=["llama", "mistral", "qwen2", "qwen3"], default=None)
     m2h.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    m2h.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (default: refuse)")
     return parser
 
 
+@entry_point
 def main(argv=None) -> int:
     from .hf_config import ConversionError
 
     args = build_parser().parse_args(argv)
-    try:
-        if args.direction == "hf-to-megatron":
-            from .hf_to_megatron import FLAGS_FILE, convert_hf_to_megatron
+    if args.direction == "hf-to-megatron":
+        from .hf_to_megatron import FLAGS_FILE, convert_hf_to_megatron
 
-            flags = convert_hf_to_megatron(
-                args.hf_dir, args.out, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                dtype=args.dtype, check_tp=args.tensor_model_parallel_size,
-                check_pp=args.pipeline_model_parallel_size,
-            )
-            print(f"wrote {args.out} (torch_dist); model flags ({args.out}/{FLAGS_FILE}):")
-            print(yaml.safe_dump(flags, sort_keys=False), end="")
-        else:
-            from .megatron_to_hf import convert_megatron_to_hf
+        flags = convert_hf_to_megatron(
+            args.hf_dir, args.out, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            dtype=args.dtype, check_tp=args.tensor_model_parallel_size,
+            check_pp=args.pipeline_model_parallel_size, overwrite=args.overwrite,
+        )
+        print(f"wrote {args.out} (torch_dist); model flags ({args.out}/{FLAGS_FILE}):")
+        print(yaml.safe_dump(flags, sort_keys=False), end="")
+    else:
+        from .megatron_to_hf import convert_megatron_to_hf
 
-            model_args = None
-            if args.config:
-                from ..config import parse_config
+        if not args.max_shard_size_gb > 0:
+            raise ConversionError(f"--max-shard-size-gb {args.max_shard_size_gb} must be > 0")
+        model_args = None
+        if args.config:
+            from ..config import parse_config
 
-                model_args = parse_config(["--config", args.config])[0].model
-            files = convert_megatron_to_hf(args.load, args.out, model_args=model_args, model_type=args.model_type,
-                                           max_shard_bytes=int(args.max_shard_size_gb * 2**30))
-            print(f"wrote {args.out}: config.json + {len(files)} safetensors file(s)")
-    except ConversionError as exc:
-        print(f"vopd-convert: error: {exc}", file=sys.stderr)
-        return 2
+            model_args = parse_config(["--config", args.config])[0].model
+        files = convert_megatron_to_hf(args.load, args.out, model_args=model_args, model_type=args.model_type,
+                                       max_shard_bytes=int(args.max_shard_size_gb * 2**30),
+                                       overwrite=args.overwrite)
+        print(f"wrote {args.out}: config.json + {len(files)} safetensors file(s)")
     return 0
 
 

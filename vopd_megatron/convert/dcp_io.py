@@ -118,13 +118,25 @@ class ChunkReader:
         return meta
 
     def _read_chunk(self, key: str, offsets) -> torch.Tensor:
+        from .hf_config import ConversionError
+
         info = self.metadata.storage_data[MetadataIndex(key, torch.Size(offsets))]
         if getattr(info, "transform_descriptors", None):
-            raise ValueError(f"{key}: chunk stored with transforms {info.transform_descriptors}, not supported")
-        with open(os.path.join(self.path, info.relative_path), "rb") as f:
-            f.seek(info.offset)
-            data = f.read(info.length)
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            raise ConversionError(f"{key}: chunk stored with transforms {info.transform_descriptors}, not supported")
+        file = os.path.join(self.path, info.relative_path)
+        try:
+            with open(file, "rb") as f:
+                f.seek(info.offset)
+                data = f.read(info.length)
+        except FileNotFoundError:
+            raise ConversionError(f"{file} is missing (a damaged checkpoint: {key} is stored there)") from None
+        if len(data) != info.length:
+            raise ConversionError(f"{file} is truncated: {key} needs bytes {info.offset}..{info.offset + info.length},"
+                                  f" the file ends at {info.offset + len(data)}")
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means damaged bytes
+            raise ConversionError(f"{file}: {key} cannot be read (damaged?): {type(exc).__name__}") from None
 
     def read(self, key: str, layer: int | None = None) -> torch.Tensor:
         """The global tensor `key`, or its slice `[layer]` along the leading (stacked layer) axis."""

@@ -26,21 +26,25 @@ class HFCheckpoint:
 
     def __init__(self, path: str):
         self.path = path
+        if not os.path.exists(path):
+            raise ConversionError(f"--hf-dir {path} does not exist")
+        if not os.path.isdir(path):
+            raise ConversionError(f"--hf-dir {path} is a file; expected a Hugging Face model directory")
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise ConversionError(f"{path}: no config.json (not a Hugging Face model directory)")
-        try:
-            with open(cfg_path) as f:
-                self.config = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ConversionError(f"{cfg_path} is not valid JSON: {exc}") from None
+        self.config = _read_json(cfg_path)
+        if not isinstance(self.config, dict):
+            raise ConversionError(f"{cfg_path}: expected a JSON object, got {type(self.config).__name__}")
         self.weight_map = self._weight_map()
 
     def _weight_map(self) -> dict[str, str]:
         index = os.path.join(self.path, INDEX)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _read_json(index)
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(f"{index}: no 'weight_map' of tensor name -> file name")
             files = sorted(set(weight_map.values()))
         elif os.path.isfile(os.path.join(self.path, SINGLE)):
             files, weight_map = [SINGLE], None
@@ -78,12 +82,25 @@ class HFCheckpoint:
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """(shape, dtype) from the header, without reading data."""
-        with safe_open(os.path.join(self.path, self.weight_map[name]), framework="pt") as f:
+        file = os.path.join(self.path, self.weight_map[name])
+        with safe_open(file, framework="pt") as f:
             sl = f.get_slice(name)
-            return tuple(sl.get_shape()), _DTYPES[sl.get_dtype()]
+            kind = sl.get_dtype()
+            if kind not in _DTYPES:
+                raise ConversionError(f"{file}: tensor {name!r} is stored as {kind}; only floating-point weights "
+                                      f"({', '.join(_DTYPES)}) convert (a quantized checkpoint?)")
+            return tuple(sl.get_shape()), _DTYPES[kind]
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{path} is not valid JSON: {exc}") from None
 
 
 class ShardedSafetensorsWriter:

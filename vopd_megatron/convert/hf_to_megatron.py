@@ -2,7 +2,9 @@
 
     vopd-convert hf-to-megatron --hf-dir Llama-3.1-8B --out ckpt/llama8b [--dtype bf16]
 
-The output is `out/iter_0000000/` with `out/latest_checkpointed_iteration.txt`,
+The output is a new directory (`outdir.staged_output`: a non-empty `--out` is
+refused unless `overwrite`, and a failed conversion leaves nothing behind):
+`out/iter_0000000/` with `out/latest_checkpointed_iteration.txt`,
 exactly what `vopd_megatron.training.checkpoint` writes (completion marker,
 `vopd` common state), so `--teacher-load out` loads it at any TP/PP. The
 model flags that match it go to `out/model_flags.yaml` (a `--config` or
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import torch
@@ -23,8 +24,9 @@ from ..config.schema import ModelArgs
 from ..training import checkpoint as ckpt
 from . import mappings as mp
 from .dcp_io import LazyTensor, write_torch_dist
-from .hf_config import ConversionError, check_layout, hf_config_to_model_args, model_flags
+from .hf_config import FAMILIES, ConversionError, check_layout, hf_config_to_model_args, model_flags
 from .hf_io import HFCheckpoint
+from .outdir import staged_output
 
 FLAGS_FILE = "model_flags.yaml"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,17 +48,11 @@ def _lazy_tensors(hf: HFCheckpoint, m: ModelArgs, dtype) -> dict[str, LazyTensor
         return LazyTensor.whole(shape, dt, make)
 
     dt = dtype or hf.meta(mp.EMBEDDING[1])[1]
-    if hf.meta(mp.EMBEDDING[1])[0][0] != m.vocab_size:
-        raise ConversionError(f"{mp.EMBEDDING[1]} has {shape_of(mp.EMBEDDING[1])[0]} rows, config vocab_size "
-                              f"is {m.vocab_size}")
     out = {mp.EMBEDDING[0]: whole(mp.EMBEDDING[1], pad=True), mp.FINAL_NORM[0]: whole(mp.FINAL_NORM[1])}
     if m.untie_embeddings_and_output_weights:
         out[mp.OUTPUT[0]] = whole(mp.OUTPUT[1], pad=True)
     for lt in mp.layer_tensors(m):
         names = [mp.hf_layer_name(0, n) for n in lt.hf]
-        for name in names:
-            if name not in hf:
-                raise ConversionError(f"{hf.path}: tensor {name!r} not found (does config.json match the weights?)")
         layer_shape = lt.to_megatron(*(torch.empty(shape_of(n), device="meta") for n in names), m).shape
 
         def make_layer(i, lt=lt):
@@ -77,35 +73,82 @@ def _common_state(hf_config: dict, m: ModelArgs) -> dict:
     }
 
 
+#: config.json fields that must be positive integers (the optional ones may be absent or null).
+_POSITIVE_INTS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings")
+_OPTIONAL = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def model_args_of(hf: HFCheckpoint, make_vocab_size_divisible_by: int = 128) -> ModelArgs:
+    """The Megatron model of an HF directory, every refusal naming its config.json."""
+    cfg_path = os.path.join(hf.path, "config.json")
+    for key in _POSITIVE_INTS if hf.config.get("model_type") in FAMILIES else ():  # else: unsupported, below
+        value = hf.config.get(key, 1 if key in _OPTIONAL else None)
+        if value is None and key in _OPTIONAL:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConversionError(f"{cfg_path}: " + (f"missing field {key!r}" if key not in hf.config else
+                                                     f"field {key!r} is {value!r}: the wrong type or value "
+                                                     "(a positive integer)"))
+    try:
+        return hf_config_to_model_args(hf.config, make_vocab_size_divisible_by)
+    except ConversionError as exc:
+        raise ConversionError(f"{cfg_path}: {exc}") from None
+    except KeyError as exc:
+        raise ConversionError(f"{cfg_path}: missing field {exc.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ConversionError(f"{cfg_path}: a field has the wrong type or value ({exc})") from None
+
+
+def check_tensors(hf: HFCheckpoint, m: ModelArgs) -> None:
+    """Every tensor the model needs is in the checkpoint with the shape config.json
+    implies, and no layer beyond num_hidden_layers is: checked from the headers,
+    before anything is written (a mismatch found mid-write would fail inside
+    torch's checkpoint writer)."""
+    expected = mp.hf_shapes(m)
+    for name, shape in expected.items():
+        if name not in hf:
+            raise ConversionError(f"{hf.path}: tensor {name!r} not found (does config.json match the weights?)")
+        found = hf.meta(name)[0]
+        if found != shape:
+            raise ConversionError(f"{hf.path}/{hf.weight_map[name]}: tensor {name!r} has shape {found}, "
+                                  f"config.json implies {shape}")
+    tied_head = mp.OUTPUT[1] if not m.untie_embeddings_and_output_weights else None
+    extra = sorted(n for n in hf.weight_map if n not in expected and n != tied_head
+                   and not n.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise ConversionError(f"{hf.path}: {len(extra)} tensor(s) config.json does not account for, e.g. "
+                              f"{extra[:3]} (num_hidden_layers {m.num_layers}; a different architecture?)")
+
+
 def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: int = 128,
-                           dtype: str | None = None, check_tp: int = 1, check_pp: int = 1) -> dict:
-    """Convert; returns the model flags written to `out_dir/model_flags.yaml`."""
+                           dtype: str | None = None, check_tp: int = 1, check_pp: int = 1,
+                           overwrite: bool = False) -> dict:
+    """Convert; returns the model flags written to `out_dir/model_flags.yaml`.
+    `out_dir` must be missing or empty unless `overwrite` (outdir.py)."""
     hf = HFCheckpoint(hf_dir)
-    m = hf_config_to_model_args(hf.config, make_vocab_size_divisible_by)
+    m = model_args_of(hf, make_vocab_size_divisible_by)
     check_layout(m, check_tp, check_pp)
     if dtype is not None and dtype not in _DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+    check_tensors(hf, m)
     tensors = _lazy_tensors(hf, m, _DTYPES.get(dtype))
     objects = {
         f"{mp.LAYER}{name}._extra_state/shard_{i}_{m.num_layers}": [None]  # megatron stores [obj.data]
         for name in mp.EXTRA_STATE_KEYS for i in range(m.num_layers)
     }
-    final = ckpt.checkpoint_dir(out_dir, 0)
-    staging = final + ".incomplete"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    write_torch_dist(staging, tensors, objects, _common_state(hf.config, m))
-    with open(os.path.join(staging, ckpt.COMPLETE_MARKER), "w") as f:
-        json.dump(dict(iteration=0, format_version=ckpt.FORMAT_VERSION, converted_from=os.path.abspath(hf_dir),
-                       saved_at=time.time()), f)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    with open(os.path.join(out_dir, ckpt.TRACKER_FILENAME), "w") as f:
-        f.write("0\n")
     flags = model_flags(m)
-    with open(os.path.join(out_dir, FLAGS_FILE), "w") as f:
-        f.write(f"# Megatron model flags of {os.path.abspath(hf_dir)} (vopd-convert); "
-                "use as --config or --teacher-model-config\n")
-        yaml.safe_dump(flags, f, sort_keys=False)
+    with staged_output(out_dir, hf_dir, overwrite) as staging:
+        final = ckpt.checkpoint_dir(staging, 0)
+        os.makedirs(final)
+        write_torch_dist(final, tensors, objects, _common_state(hf.config, m))
+        with open(os.path.join(final, ckpt.COMPLETE_MARKER), "w") as f:
+            json.dump(dict(iteration=0, format_version=ckpt.FORMAT_VERSION, converted_from=os.path.abspath(hf_dir),
+                           saved_at=time.time()), f)
+        with open(os.path.join(staging, ckpt.TRACKER_FILENAME), "w") as f:
+            f.write("0\n")
+        with open(os.path.join(staging, FLAGS_FILE), "w") as f:
+            f.write(f"# Megatron model flags of {os.path.abspath(hf_dir)} (vopd-convert); "
+                    "use as --config or --teacher-model-config\n")
+            yaml.safe_dump(flags, f, sort_keys=False)
     return flags

@@ -79,6 +79,31 @@ def layer_tensors(m: ModelArgs) -> list[LayerTensor]:
     return out
 
 
+def hf_shapes(m: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face checkpoint of this model holds, with its shape
+    (for checking the weights against config.json before converting)."""
+    h, g, d, hidden, ffn, vocab = m.num_attention_heads, m.query_groups, m.head_dim, m.hidden_size, m.ffn_size, \
+        m.vocab_size
+    layer = {
+        "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (h * d, hidden), "self_attn.k_proj.weight": (g * d, hidden),
+        "self_attn.v_proj.weight": (g * d, hidden), "self_attn.o_proj.weight": (hidden, h * d),
+        "mlp.gate_proj.weight": (ffn, hidden), "mlp.up_proj.weight": (ffn, hidden),
+        "mlp.down_proj.weight": (hidden, ffn),
+    }
+    if m.add_qkv_bias:
+        layer.update({"self_attn.q_proj.bias": (h * d,), "self_attn.k_proj.bias": (g * d,),
+                      "self_attn.v_proj.bias": (g * d,)})
+    if m.qk_layernorm:
+        layer.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+    out = {EMBEDDING[1]: (vocab, hidden), FINAL_NORM[1]: (hidden,)}
+    if m.untie_embeddings_and_output_weights:
+        out[OUTPUT[1]] = (vocab, hidden)
+    for i in range(m.num_layers):
+        out.update({hf_layer_name(i, name): shape for name, shape in layer.items()})
+    return out
+
+
 #: Linear layers whose (empty, local-spec) `_extra_state` Megatron stores per layer as a ShardedObject.
 EXTRA_STATE_KEYS = (
     "self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2",

@@ -7,7 +7,9 @@ Reads the newest complete checkpoint under `--load` (a converted one, or one
 The HF config is the one the checkpoint was converted from when it has one
 (restored verbatim), else it is derived from the model flags (`--config`,
 Megatron-LM flag names; family from the flags or `--model-type`). Padded
-vocabulary rows are dropped.
+vocabulary rows are dropped. The output is a new directory (`outdir.staged_output`:
+a non-empty `--out` is refused unless `overwrite`; a failed conversion leaves
+nothing behind); a missing or damaged file of the checkpoint is named.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from . import mappings as mp
 from .dcp_io import ChunkReader
 from .hf_config import ConversionError, flags_to_model_args, hf_config_to_model_args, model_args_to_hf_config
 from .hf_io import ShardedSafetensorsWriter
+from .outdir import staged_output
 
 
 def _resolve_model(common: dict, model_args: ModelArgs | None, model_type: str | None) -> tuple[ModelArgs, dict]:
@@ -35,32 +38,66 @@ def _resolve_model(common: dict, model_args: ModelArgs | None, model_type: str |
     return model_args, cfg
 
 
-def convert_megatron_to_hf(load_dir: str, out_dir: str, *, model_args: ModelArgs | None = None,
-                           model_type: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
-    """Convert the newest complete checkpoint under `load_dir`; returns the safetensors files written."""
+def _open_checkpoint(load_dir: str):
+    """(path of the newest complete iteration, its common state, a ChunkReader), naming what is wrong."""
     from megatron.core.dist_checkpointing import load_common_state_dict
 
+    if not os.path.isdir(load_dir):
+        raise ConversionError(f"--load {load_dir} " + ("is a file; expected a checkpoint directory"
+                                                        if os.path.exists(load_dir) else "does not exist"))
     iteration = ckpt.latest_iteration(load_dir)
     if iteration is None:
         raise ConversionError(f"{load_dir} holds no complete vopd_megatron checkpoint")
     path = ckpt.checkpoint_dir(load_dir, iteration)
-    m, cfg = _resolve_model(load_common_state_dict(path), model_args, model_type)
-    reader = ChunkReader(path)
-    if reader.shape(mp.LAYER + mp.layer_tensors(m)[0].key)[0] != m.num_layers:
-        raise ConversionError(f"{path} has {reader.shape(mp.LAYER + mp.layer_tensors(m)[0].key)[0]} layers, "
-                              f"the flags say {m.num_layers}")
-    writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
-    writer.add(mp.EMBEDDING[1], reader.read(mp.EMBEDDING[0])[: m.vocab_size])
-    for i in range(m.num_layers):
-        for lt in mp.layer_tensors(m):
-            parts = lt.to_hf(reader.read(mp.LAYER + lt.key, layer=i), m)
-            for name, t in zip(lt.hf, parts):
-                writer.add(mp.hf_layer_name(i, name), t)
-    writer.add(mp.FINAL_NORM[1], reader.read(mp.FINAL_NORM[0]))
-    if m.untie_embeddings_and_output_weights:
-        writer.add(mp.OUTPUT[1], reader.read(mp.OUTPUT[0])[: m.vocab_size])
-    files = writer.close()
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-        f.write("\n")
+    try:
+        common = load_common_state_dict(path)
+    except Exception as exc:  # noqa: BLE001 - megatron wraps unpickling and I/O errors in several types
+        raise ConversionError(f"{path}: cannot read the checkpoint's common state ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]})") from None
+    try:
+        reader = ChunkReader(path)
+    except Exception as exc:  # noqa: BLE001 - torch DCP raises bare errors for a damaged .metadata
+        raise ConversionError(f"{path}/.metadata: cannot read the torch_dist metadata ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]})") from None
+    return path, common, reader
+
+
+def _check_shapes(path: str, reader: ChunkReader, m: ModelArgs) -> None:
+    """The stored tensors have the model's shape (layers, hidden size, vocabulary)."""
+    key = mp.LAYER + mp.layer_tensors(m)[0].key
+    try:
+        layers = reader.shape(key)[0]
+        embedding = reader.shape(mp.EMBEDDING[0])
+    except KeyError as exc:
+        raise ConversionError(f"{exc.args[0]} (not a GPT checkpoint of this layout?)") from None
+    if layers != m.num_layers:
+        raise ConversionError(f"{path} has {layers} layers, the flags say {m.num_layers}")
+    if embedding[1] != m.hidden_size or embedding[0] < m.vocab_size:
+        raise ConversionError(f"{path}: embedding is {tuple(embedding)}, the flags say hidden size "
+                              f"{m.hidden_size} and vocabulary {m.vocab_size}")
+
+
+def convert_megatron_to_hf(load_dir: str, out_dir: str, *, model_args: ModelArgs | None = None,
+                           model_type: str | None = None, max_shard_bytes: int = 5 * 2**30,
+                           overwrite: bool = False) -> list[str]:
+    """Convert the newest complete checkpoint under `load_dir`; returns the safetensors files written.
+    `out_dir` must be missing or empty unless `overwrite` (outdir.py)."""
+    path, common, reader = _open_checkpoint(load_dir)
+    m, cfg = _resolve_model(common, model_args, model_type)
+    _check_shapes(path, reader, m)
+    with staged_output(out_dir, load_dir, overwrite) as staging:
+        writer = ShardedSafetensorsWriter(staging, max_shard_bytes)
+        writer.add(mp.EMBEDDING[1], reader.read(mp.EMBEDDING[0])[: m.vocab_size])
+        for i in range(m.num_layers):
+            for lt in mp.layer_tensors(m):
+                parts = lt.to_hf(reader.read(mp.LAYER + lt.key, layer=i), m)
+                for name, t in zip(lt.hf, parts):
+                    writer.add(mp.hf_layer_name(i, name), t)
+        writer.add(mp.FINAL_NORM[1], reader.read(mp.FINAL_NORM[0]))
+        if m.untie_embeddings_and_output_weights:
+            writer.add(mp.OUTPUT[1], reader.read(mp.OUTPUT[0])[: m.vocab_size])
+        files = writer.close()
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
     return files

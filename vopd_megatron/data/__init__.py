@@ -1,10 +1,12 @@
 """Text-side data: tokenizers and prompt datasets (token ids out).
 
-`load_tokenizer` / `check_compatible` (tokenizer.py) and `load_prompt_dataset`
-(prompts.py). The tensor side (rollouts, collation) lives in
+`load_tokenizer` / `check_compatible` / `check_vocab_fits` (tokenizer.py),
+`load_prompt_dataset` (prompts.py), and the per-record checks every data
+reader shares (checks.py). The tensor side (rollouts, collation) lives in
 `vopd_megatron.training.data`.
 """
 from .prompts import load_prompt_dataset
-from .tokenizer import Fingerprint, Tokenizer, check_compatible, load_tokenizer
+from .tokenizer import Fingerprint, Tokenizer, check_compatible, check_vocab_fits, load_tokenizer
 
-__all__ = ["Fingerprint", "Tokenizer", "check_compatible", "load_prompt_dataset", "load_tokenizer"]
+__all__ = ["Fingerprint", "Tokenizer", "check_compatible", "check_vocab_fits", "load_prompt_dataset",
+           "load_tokenizer"]

@@ -28,6 +28,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DataError, MissingDependency, MissingFileError
+
 
 @dataclass(frozen=True)
 class Fingerprint:
@@ -118,25 +120,35 @@ class Tokenizer:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A `Tokenizer` from a tokenizer.json, a Hugging Face tokenizer directory,
-    or a sentencepiece model file."""
+    or a sentencepiece model file. A file that does not parse as what it claims
+    to be is a `DataError` naming it (never the backend's bare exception)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer {path} does not exist")
+        raise MissingFileError(f"tokenizer {path} does not exist")
     if path.is_dir():
         hf_files = [f for f in ("tokenizer_config.json", "tokenizer.json") if (path / f).is_file()]
         if hf_files:
-            return Tokenizer(path, hf=_auto_tokenizer(path))
+            return Tokenizer(path, hf=_parsed(path, "a Hugging Face tokenizer directory", _auto_tokenizer))
         if (path / "tokenizer.model").is_file():
             return Tokenizer(path, sp=_sentencepiece(path / "tokenizer.model"))
-        raise FileNotFoundError(f"tokenizer directory {path} has none of tokenizer_config.json, "
-                                "tokenizer.json, tokenizer.model")
+        raise MissingFileError(f"tokenizer directory {path} has none of tokenizer_config.json, "
+                               "tokenizer.json, tokenizer.model")
     if path.suffix == ".json":
-        return Tokenizer(path, hf=_fast_tokenizer(path))
+        return Tokenizer(path, hf=_parsed(path, "a Hugging Face tokenizer.json", _fast_tokenizer))
     return Tokenizer(path, sp=_sentencepiece(path))  # Megatron's --tokenizer-model: a .model file
 
 
+def check_vocab_fits(tokenizer: Tokenizer, vocab_size: int | None, flag: str = "--vocab-size") -> None:
+    """DataError if the tokenizer can produce ids the model has no row for
+    (a model may have more rows than the tokenizer has tokens, not fewer)."""
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise DataError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but {flag} is "
+                        f"{vocab_size}: ids {vocab_size}..{tokenizer.vocab_size - 1} have no row in the model "
+                        f"(set {flag} to at least {tokenizer.vocab_size})")
+
+
 def check_compatible(student: Tokenizer, teacher: Tokenizer) -> None:
-    """Raise ValueError unless both tokenizers map the same ids to the same tokens
+    """Raise DataError unless both tokenizers map the same ids to the same tokens
     (and, where both formats expose it, segment text the same way)."""
     a, b = student.fingerprint(), teacher.fingerprint()
     problems = []
@@ -147,7 +159,7 @@ def check_compatible(student: Tokenizer, teacher: Tokenizer) -> None:
     if a.kind == b.kind and a.segmentation_sha != b.segmentation_sha:
         problems.append("different merges/scores (the same text would tokenize differently)")
     if problems:
-        raise ValueError(f"student tokenizer {student.path} and teacher tokenizer {teacher.path} are "
+        raise DataError(f"student tokenizer {student.path} and teacher tokenizer {teacher.path} are "
                          f"incompatible: {'; '.join(problems)}. Distillation compares logits token id by "
                          "token id, so both models need the same tokenizer.")
 
@@ -156,17 +168,35 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ImportError("loading a Hugging Face tokenizer needs `transformers` "
-                          "(pip install transformers)") from None
+        raise MissingDependency("loading a Hugging Face tokenizer needs `transformers` "
+                                "(pip install transformers)") from None
     return transformers
 
 
 def _auto_tokenizer(path: Path):
+    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        file = path / name
+        if file.is_file():  # name the broken file, not just the directory
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise DataError(f"tokenizer file {file} is not valid JSON ({exc})") from None
     return _transformers().AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def _fast_tokenizer(path: Path):
     return _transformers().PreTrainedTokenizerFast(tokenizer_file=str(path))
+
+
+def _parsed(path: Path, what: str, load):
+    """load(path), with any parse failure of the backend reported as a DataError naming the file."""
+    try:
+        return load(path)
+    except (MissingDependency, DataError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - tokenizers/transformers raise bare Exception subclasses
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise DataError(f"tokenizer {path} cannot be read as {what} (corrupt or not a tokenizer?): {detail}") from exc
 
 
 def _sentencepiece(path: Path):
@@ -176,5 +206,5 @@ def _sentencepiece(path: Path):
     try:
         sp.load(str(path))
     except (OSError, RuntimeError) as exc:
-        raise ValueError(f"{path} is not a sentencepiece model ({exc})") from None
+        raise DataError(f"tokenizer {path} is not a sentencepiece model ({exc})") from None
     return sp

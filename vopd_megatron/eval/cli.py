@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from ..config import parse_config
 from ..config.args import to_flat_dict
-from ..config.schema import ConfigError
+from ..data.checks import require_writable_dir
+from ..errors import entry_point, reading_inputs
 
 
 def format_table(metrics: dict[str, float], n: int, k: int) -> str:
@@ -46,6 +47,7 @@ def write_outputs(out_dir: str, summary: dict, records: list[dict]) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
+@entry_point
 def main(argv=None):
     run, ns = parse_config(argv)
     run.data.prompt_data = run.data.rollout_data = None  # vopd-eval samples from --eval-data only
@@ -57,12 +59,12 @@ def main(argv=None):
     from ..training.train import init_distributed, rank0_print, run_tokenizer
     from .runner import build_evaluator, load_run_problems
 
-    try:  # bad flags or data: a one-line error before anything is built
+    with reading_inputs():  # bad flags or data: a one-line error before anything is built
+        if e.eval_output:  # the results must have somewhere to go after the whole evaluation
+            require_writable_dir(e.eval_output, "--eval-output")
         run.validate(int(os.environ.get("WORLD_SIZE", 1))).check_runtime()
         tokenizer = run_tokenizer(run)
         problems = load_run_problems(run, tokenizer, log=rank0_print)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from None
 
     from ..training.checkpoint import load_model_weights
     from ..training.setup import build_models, initialize_parallel

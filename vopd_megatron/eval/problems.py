@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data import checks
 from ..data.prompts import prompt_ids, read_records
 from ..data.tokenizer import Tokenizer
+from ..errors import DataError
 
 
 @dataclass
@@ -30,33 +32,26 @@ def load_eval_problems(path: str | Path, tokenizer: Tokenizer | None, max_prompt
                        use_chat_template: bool = False, vocab_size: int | None = None,
                        max_problems: int | None = None) -> tuple[list[EvalProblem], dict]:
     """Problems of a JSONL / Parquet file (the first `max_problems` records), and a
-    report `path, total, kept, skipped_too_long, max_prompt_tokens`."""
+    report `path, total, kept, skipped_too_long, max_prompt_tokens`. A record's
+    problem is read by `data.prompts.prompt_ids`, the training prompts' reader;
+    its answer must be a non-empty string or a finite number (never null)."""
     problems, skipped, total = [], 0, 0
-    for i, (where, rec) in enumerate(read_records(path)):
+    for i, (where, rec) in enumerate(read_records(path, "evaluation file")):
         if max_problems is not None and i >= max_problems:
             break
         total += 1
-        if answer_field not in rec:
-            raise ValueError(f"{where}: missing answer field {answer_field!r} (set --eval-answer-field); "
-                             f"the record has {sorted(rec)}")
-        answer = rec[answer_field]
-        if isinstance(answer, (list, dict)) or str(answer).strip() == "":
-            raise ValueError(f"{where}: answer field {answer_field!r} must be a non-empty string or number")
-        if problem_field not in rec and "messages" not in rec and "prompt_ids" not in rec:
-            raise ValueError(f"{where}: missing problem field {problem_field!r} (set --eval-problem-field, "
-                             f"or give 'messages' / 'prompt_ids'); the record has {sorted(rec)}")
-        _, ids = prompt_ids(where, rec, tokenizer, problem_field, use_chat_template)
-        if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
-            raise ValueError(f"{where}: token id outside the vocabulary [0, {vocab_size})")
+        answer = checks.answer(where, rec, answer_field, "--eval-answer-field")
+        _, ids = prompt_ids(where, rec, tokenizer, problem_field, use_chat_template, vocab_size=vocab_size,
+                            field_flag="--eval-problem-field", noun="problem")
         if len(ids) > max_prompt_tokens:
             skipped += 1
             continue
         shown = next(rec[f] for f in (problem_field, "messages", "prompt_ids") if f in rec)
-        problems.append(EvalProblem(i, ids, str(answer), shown))
+        problems.append(EvalProblem(i, ids, answer, shown))
     if total == 0:
-        raise ValueError(f"evaluation file {path} has no records")
+        raise DataError(f"evaluation file {path} has no records")
     if not problems:
-        raise ValueError(f"evaluation file {path}: none of its {total} problems fits in {max_prompt_tokens} tokens")
+        raise DataError(f"evaluation file {path}: none of its {total} problems fits in {max_prompt_tokens} tokens")
     report = {"path": str(path), "total": total, "kept": len(problems), "skipped_too_long": skipped,
               "max_prompt_tokens": max_prompt_tokens}
     return problems, report

@@ -17,7 +17,7 @@ from .vocab_parallel import CHUNK_ELEMENTS, VocabParallelOPDLoss, group_rank_siz
 
 def validate_inputs(student, teacher, targets, loss_mask, config, vocab_size, tp, behavior, old):
     """Raise ValueError naming the problem; cheap shape checks, plus one sync
-    for the target range when `config.check_inputs`."""
+    for the value checks (`check_values`) when `config.check_inputs`."""
     if student.shape != teacher.shape:
         raise ValueError(
             f"student and teacher logit shards differ in shape: {tuple(student.shape)} vs "
@@ -42,10 +42,34 @@ def validate_inputs(student, teacher, targets, loss_mask, config, vocab_size, tp
     if config.ppo_clip is not None and old is None:
         raise ValueError("ppo_clip needs old_logprobs (log-probs of the policy that sampled the batch)")
     if config.check_inputs:
-        live = targets[loss_mask != 0]
-        if live.numel() and bool(((live < 0) | (live >= vocab_size)).any()):
-            bad = live[(live < 0) | (live >= vocab_size)][:5].tolist()
-            raise ValueError(f"target ids {bad} outside the true vocabulary [0, {vocab_size})")
+        check_values(targets, loss_mask, vocab_size, behavior, old)
+
+
+def check_values(targets, loss_mask, vocab_size, behavior=None, old=None):
+    """Raise ValueError naming the first bad input: a live target outside
+    [0, vocab_size), a loss_mask value other than 0 and 1, a non-finite
+    behaviour or old log-prob on a live token. Tokens with mask 0 are not
+    read. One host sync (a `.tolist()` of per-check counts) on good input."""
+    live = loss_mask != 0  # [...]
+    checks = {"targets": live & ((targets < 0) | (targets >= vocab_size))}
+    if loss_mask.dtype != torch.bool:
+        checks["loss_mask"] = live & (loss_mask != 1)  # NaN is != 0 and != 1
+    for name, t in (("behavior_logprobs", behavior), ("old_logprobs", old)):
+        if t is not None:
+            checks[name] = live & ~torch.isfinite(t)
+    counts = torch.stack([bad.sum() for bad in checks.values()]).tolist()
+    for (name, bad), count in zip(checks.items(), counts):
+        if not count:
+            continue
+        if name == "targets":
+            raise ValueError(f"target ids {targets[bad][:5].tolist()} outside the true vocabulary [0, {vocab_size})")
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        value = float((loss_mask if name == "loss_mask" else behavior if name == "behavior_logprobs" else old)[where])
+        if name == "loss_mask":
+            raise ValueError(f"loss_mask holds values other than 0 and 1 (e.g. {value} at index {where}, "
+                             f"{count} in all): a loss mask selects tokens, it does not weight them")
+        raise ValueError(f"{name} is not finite on {count} live token(s) (e.g. {value} at index {where}); "
+                         "the sampling engine's log-probs must be finite where the loss mask is 1")
 
 
 def vocab_parallel_token_terms(

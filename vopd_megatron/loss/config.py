@@ -56,7 +56,8 @@ class LossConfig:
     Such states carry almost no gradient variance either way."""
 
     check_inputs: bool = True
-    """Validate targets and teacher finiteness. Costs one host sync per call."""
+    """Validate targets, the 0/1 loss mask, side log-probs, and student and
+    teacher finiteness on completion tokens. Costs two host syncs per call."""
 
     backend: str = "auto"
     """"auto" (fused Triton kernels for CUDA tensors when triton imports, the

@@ -146,10 +146,11 @@ def _fused_grad_kernel(
         u = _temper(u, tau, TEMPERED)  # [BN, BV] recomputed teacher logits
         lse_u = tl.load(lse_u_ptr + rows, mask=row_ok, other=0.0)
         kl = tl.load(kl_ptr + rows, mask=row_ok, other=0.0)
-        g = _full_kl_grad_values(z, u, real, lse_z, lse_u, kl, c)
+        zero = tl.zeros_like(lse_z)  # lse_z, lse_u are absolute here: maxima of 0
+        g = _full_kl_grad_values(z, u, real, zero, lse_z, zero, lse_u, kl, c)
     else:
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-        g = _sampled_grad_values(z, real, lse_z, c, cols[None, :] == tgt[:, None])
+        g = _sampled_grad_values(z, real, tl.zeros_like(lse_z), lse_z, c, cols[None, :] == tgt[:, None])
     tl.store(g_ptr + r64[:, None] * stride_g + c64[None, :], g.to(g_ptr.dtype.element_ty), mask=real)
 
 

@@ -135,7 +135,7 @@ def reference_token_terms(
         loss = topk_kl
 
     return TokenTerms(
-        token_loss=loss * mask,
+        token_loss=torch.where(mask != 0, loss * mask, 0.0),  # a masked token adds 0, even if not finite
         mask=mask.detach(),
         logp=logp_a.detach(),
         logq=logq_a.detach(),

@@ -129,6 +129,13 @@ class GlobalStats:
     logq: torch.Tensor  # log q(a)
     s2: torch.Tensor | None = None  # sum_v p_v^2 (vopd_opt)
     p2_dev: torch.Tensor | None = None  # sum_v p_v^2 (r_v - K) (vopd_opt)
+    # The log-normalisers split as max + log sum exp(x - max): lse_z rounds at
+    # the logits' magnitude (an ulp of 2e-3 at 2e4), so log p = (z - z_max) -
+    # z_logsum is exact where z - lse_z is not (the gradient's e_a - p cancels).
+    z_max: torch.Tensor | None = None  # max_v z
+    z_logsum: torch.Tensor | None = None  # log sum_v exp(z_v - z_max)
+    u_max: torch.Tensor | None = None  # max_v u
+    u_logsum: torch.Tensor | None = None  # log sum_v exp(u_v - u_max)
 
 
 def combine_statistics(gathered: torch.Tensor, need_opt: bool) -> GlobalStats:
@@ -149,7 +156,9 @@ def combine_statistics(gathered: torch.Tensor, need_opt: bool) -> GlobalStats:
     kl = mean_diff - (log_z_sum - log_u_sum)
     z_a = gathered[:, Z_TARGET].sum(0)  # only the owner contributes
     u_a = gathered[:, U_TARGET].sum(0)
-    out = GlobalStats(lse_z=lse_z, lse_u=lse_u, kl=kl, logp=z_a - lse_z, logq=u_a - lse_u)
+    # Subtract the maximum before the log-sum: z_a - lse_z would carry lse_z's rounding.
+    out = GlobalStats(lse_z=lse_z, lse_u=lse_u, kl=kl, logp=(z_a - gz) - log_z_sum, logq=(u_a - gu) - log_u_sum,
+                      z_max=gz, z_logsum=log_z_sum, u_max=gu, u_logsum=log_u_sum)
     if need_opt:
         scale2 = scale * scale
         sum2 = (scale2 * gathered[:, Z_SUM2]).sum(0)
@@ -181,6 +190,20 @@ class TopkStats:
     lse_z: torch.Tensor  # [N] log sum_{S} exp z
     lse_u: torch.Tensor  # [N] log sum_{S} exp u
     member: torch.Tensor  # [N, tp * k] bool, candidate is in S
+    # lse_z = z_max + z_logsum (and for u): log p~ = (z - z_max) - z_logsum
+    # keeps its precision at any logit magnitude (see GlobalStats).
+    z_max: torch.Tensor | None = None  # [N] max_{S} z
+    z_logsum: torch.Tensor | None = None  # [N] log sum_{S} exp(z - z_max)
+    u_max: torch.Tensor | None = None  # [N] max_{S} u
+    u_logsum: torch.Tensor | None = None  # [N] log sum_{S} exp(u - u_max)
+
+
+def _log_softmax_parts(x: torch.Tensor):
+    """(x - max, max, log sum exp(x - max)) over the last dim; max 0 where a row is all -inf."""
+    top = x.amax(-1)  # [N]
+    top = torch.where(torch.isinf(top) & (top < 0), 0.0, top)
+    shifted = x - top[:, None]  # [N, k]
+    return shifted, top, shifted.logsumexp(-1)
 
 
 def combine_topk(gathered: torch.Tensor, k: int, k_eff: int) -> TopkStats:
@@ -190,33 +213,46 @@ def combine_topk(gathered: torch.Tensor, k: int, k_eff: int) -> TopkStats:
     cand_u = gathered[:, -k:].permute(2, 0, 1).reshape(n, tp * k)  # [N, tp*k]
     sel_z, pos = cand_z.topk(k_eff, dim=-1)  # [N, k_eff]
     sel_u = cand_u.gather(-1, pos)  # [N, k_eff]
-    lse_z = sel_z.logsumexp(-1)
-    lse_u = sel_u.logsumexp(-1)
-    logp_s = sel_z - lse_z[:, None]
-    logq_s = sel_u - lse_u[:, None]
+    # Renormalise inside S relative to S's maxima: `sel - logsumexp(sel)` loses
+    # the small log-probs at large logits (37 % of vopd_topk's gradient at 2e4).
+    zs, z_max, z_logsum = _log_softmax_parts(sel_z)
+    us, u_max, u_logsum = _log_softmax_parts(sel_u)
+    logp_s = zs - z_logsum[:, None]
+    logq_s = us - u_logsum[:, None]
     kl = (logp_s.exp() * (logp_s - logq_s)).sum(-1)
     member = torch.zeros_like(cand_z, dtype=torch.bool).scatter_(-1, pos, True)
-    return TopkStats(kl=kl, lse_z=lse_z, lse_u=lse_u, member=member)
+    return TopkStats(kl=kl, lse_z=z_max + z_logsum, lse_u=u_max + u_logsum, member=member,
+                     z_max=z_max, z_logsum=z_logsum, u_max=u_max, u_logsum=u_logsum)
 
 
-def softmax_minus_onehot(zs, lse_z, coef, local_target, owned):
+def softmax_minus_onehot(zs, lse_z, coef, local_target, owned, z_max=None):
     """coef * (e_a - p) for one chunk: the sampled-mode gradient wrt tempered logits.
 
     zs: [n, w] fp32 tempered logits; lse_z, coef: [n]; returns [n, w] fp32.
+    z_max: optional [n]; when given, `lse_z` is log sum exp(z - z_max) (GlobalStats'
+    z_logsum) and p = exp((z - z_max) - lse_z), exact at any logit magnitude.
     """
-    grad = (zs - lse_z[:, None]).exp_().mul_(-coef[:, None])  # [n, w] = -coef * p
+    logp = zs - lse_z[:, None] if z_max is None else (zs - z_max[:, None]).sub_(lse_z[:, None])  # [n, w]
+    grad = logp.exp_().mul_(-coef[:, None])  # [n, w] = -coef * p
     if grad.shape[1]:
         idx = local_target.clamp(0, grad.shape[1] - 1).unsqueeze(-1)
         grad.scatter_add_(-1, idx, torch.where(owned, coef, 0.0).unsqueeze(-1))
     return grad
 
 
-def full_kl_gradient(zs, us, stats_rows, coef):
+def full_kl_gradient(zs, us, stats_rows, coef, maxima=None):
     """coef * p * (log p - log q - K) for one chunk of the real columns.
 
     stats_rows: (lse_z, lse_u, kl), each [n]; returns [n, w] fp32.
+    maxima: optional (z_max, u_max), each [n]; when given, lse_z and lse_u are
+    relative to them (GlobalStats' z_logsum, u_logsum), exact at any magnitude.
     """
     lse_z, lse_u, kl = stats_rows
-    logp = zs - lse_z[:, None]  # [n, w]
-    r = logp - (us - lse_u[:, None])  # [n, w]
+    if maxima is None:
+        logp = zs - lse_z[:, None]  # [n, w]
+        r = logp - (us - lse_u[:, None])  # [n, w]
+    else:
+        logp = (zs - maxima[0][:, None]).sub_(lse_z[:, None])  # [n, w]
+        r = (us - maxima[1][:, None]).sub_(lse_u[:, None])  # [n, w] log q for now
+        torch.sub(logp, r, out=r)  # [n, w] log p - log q
     return logp.exp_().mul_(r.sub_(kl[:, None])).mul_(coef[:, None])

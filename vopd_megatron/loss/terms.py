@@ -95,8 +95,9 @@ def reduce_token_terms(terms: TokenTerms):
         per_token["rollout_logprob_abs_gap"] = gap.abs()
     count32 = count.detach().float()
     metrics = {"loss": torch.stack([loss_sum.detach().float(), count32])}
+    live = mask != 0  # a masked token adds 0 to every sum, even if its terms are not finite
     for name, value in per_token.items():
-        total = (value.detach().float() * mask.float()).sum()
+        total = torch.where(live, value.detach().float() * mask.float(), 0.0).sum()
         metrics[name] = torch.stack([total, count32])
     return loss_sum, num_tokens, metrics
 

@@ -13,7 +13,7 @@ backward. These kernels do exactly that for the sampled modes:
   same `[R, N]` rows as `stats.local_statistics`, so the all-gather and the
   online-softmax combine (`stats.combine_statistics`) are shared with the
   PyTorch path and cannot drift from it.
-* `sampled_gradient` -- `dz = c_t (e_a - p)` from the saved `lse_z` and
+* `sampled_gradient` -- `dz = c_t (e_a - p)` from the saved max and log-sum of z and
   per-token coefficient, one read of `z` and one write of `dz`; padded columns
   get exact zeros.
 * `full_kl_gradient` -- `c_t p (log p - log q - K)`, written in forward (the
@@ -146,34 +146,40 @@ def _stats_kernel(
 
 
 @triton.jit
-def _sampled_grad_values(zt, real, lse, c, is_target):
-    """c_t (e_a - p) on real lanes, exact 0 elsewhere: the sampled-mode logit gradient.
+def _sampled_grad_values(zt, real, zmax, lse, c, is_target):
+    """c_t (e_a - p) on real lanes of live rows, exact 0 elsewhere: the sampled-mode logit gradient.
 
     zt: [BN, BV] fp32 tempered logits; real: [BN, BV] lanes of real columns;
-    lse, c: [BN] global log-normaliser and coefficient; is_target: [BN, BV] bool.
+    zmax, lse, c: [BN] global max of zt, log sum exp(zt - zmax) and coefficient;
+    is_target: [BN, BV] bool. p = exp((zt - zmax) - lse) is exact at any logit
+    magnitude, where zt - (zmax + lse) is not. A row with c = 0 (a masked
+    token) gets 0 even where its logits are not finite.
     Shared with the fused output-layer kernel (fused_output_triton.py).
     """
-    p = tl.exp(tl.where(real, zt - lse[:, None], float("-inf")))  # [BN, BV], 0 on padding
-    return tl.where(real, c[:, None] * (is_target.to(tl.float32) - p), 0.0)
+    p = tl.exp(tl.where(real, (zt - zmax[:, None]) - lse[:, None], float("-inf")))  # [BN, BV], 0 on padding
+    return tl.where(real & (c[:, None] != 0), c[:, None] * (is_target.to(tl.float32) - p), 0.0)
 
 
 @triton.jit
-def _full_kl_grad_values(zt, ut, real, lse_z, lse_u, kl, c):
-    """c_t p (log p - log q - K) on real lanes, exact 0 elsewhere: the full_kl logit gradient.
+def _full_kl_grad_values(zt, ut, real, max_z, lse_z, max_u, lse_u, kl, c):
+    """c_t p (log p - log q - K) on real lanes of live rows, exact 0 elsewhere: the full_kl logit gradient.
 
-    zt, ut: [BN, BV] fp32 tempered logits; lse_z, lse_u, kl, c: [BN].
-    Masked lanes take log p = log q = 0, so no inf reaches the arithmetic.
+    zt, ut: [BN, BV] fp32 tempered logits; max_z, lse_z, max_u, lse_u, kl, c: [BN],
+    each lse relative to its max (log p = (zt - max_z) - lse_z, exact at any
+    magnitude). Masked lanes take log p = log q = 0, so no inf reaches the
+    arithmetic; a row with c = 0 (a masked token) gets 0 whatever its logits.
     """
-    logp = tl.where(real, zt - lse_z[:, None], 0.0)  # [BN, BV]
-    r = logp - tl.where(real, ut - lse_u[:, None], 0.0)  # [BN, BV] log p - log q
-    return tl.where(real, c[:, None] * tl.exp(logp) * (r - kl[:, None]), 0.0)
+    logp = tl.where(real, (zt - max_z[:, None]) - lse_z[:, None], 0.0)  # [BN, BV]
+    r = logp - tl.where(real, (ut - max_u[:, None]) - lse_u[:, None], 0.0)  # [BN, BV] log p - log q
+    return tl.where(real & (c[:, None] != 0), c[:, None] * tl.exp(logp) * (r - kl[:, None]), 0.0)
 
 
 @triton.jit
 def _sampled_grad_kernel(
     z_ptr,  # [N, P] student logits, read-only
     dz_ptr,  # [N, P] gradient, written (padded columns get 0)
-    lse_ptr,  # [N] fp32 global log-normaliser of z / tau
+    max_ptr,  # [N] fp32 global max of z / tau (or zeros: lse then absolute)
+    lse_ptr,  # [N] fp32 log sum exp(z / tau - max)
     coef_ptr,  # [N] fp32 c_t = g_t coef_t / tau
     tgt_ptr,  # [N] int64 target column inside the shard, -1 where not owned
     n_rows, width, part, stride_z, stride_dz,
@@ -186,11 +192,12 @@ def _sampled_grad_kernel(
     r64 = rows.to(tl.int64)
     real = row_ok[:, None] & (cols < width)[None, :]  # [BN, BV]
     z = tl.load(z_ptr + r64[:, None] * stride_z + cols[None, :], mask=real, other=0.0).to(tl.float32)
+    zmax = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     c = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     # tgt < width, so the target is never a padded column.
-    g = _sampled_grad_values(_temper(z, tau, TEMPERED), real, lse, c, cols[None, :] == tgt[:, None])
+    g = _sampled_grad_values(_temper(z, tau, TEMPERED), real, zmax, lse, c, cols[None, :] == tgt[:, None])
     out = row_ok[:, None] & (cols < part)[None, :]
     tl.store(dz_ptr + r64[:, None] * stride_dz + cols[None, :], g.to(dz_ptr.dtype.element_ty), mask=out)
 
@@ -200,7 +207,7 @@ def _full_kl_grad_kernel(
     z_ptr,  # [N, P] student logits, read-only
     u_ptr,  # [N, P] teacher logits, read-only
     g_ptr,  # [N, P] gradient, written (padded columns get 0)
-    lse_z_ptr, lse_u_ptr, kl_ptr,  # [N] fp32 global statistics
+    max_z_ptr, lse_z_ptr, max_u_ptr, lse_u_ptr, kl_ptr,  # [N] fp32 global statistics, lse relative to max
     coef_ptr,  # [N] fp32 mask / tau
     n_rows, width, part, stride_z, stride_u, stride_g,
     tau,
@@ -213,11 +220,14 @@ def _full_kl_grad_kernel(
     real = row_ok[:, None] & (cols < width)[None, :]  # [BN, BV]
     z = tl.load(z_ptr + r64[:, None] * stride_z + cols[None, :], mask=real, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + r64[:, None] * stride_u + cols[None, :], mask=real, other=0.0).to(tl.float32)
+    max_z = tl.load(max_z_ptr + rows, mask=row_ok, other=0.0)
     lse_z = tl.load(lse_z_ptr + rows, mask=row_ok, other=0.0)
+    max_u = tl.load(max_u_ptr + rows, mask=row_ok, other=0.0)
     lse_u = tl.load(lse_u_ptr + rows, mask=row_ok, other=0.0)
     kl = tl.load(kl_ptr + rows, mask=row_ok, other=0.0)
     c = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-    g = _full_kl_grad_values(_temper(z, tau, TEMPERED), _temper(u, tau, TEMPERED), real, lse_z, lse_u, kl, c)
+    g = _full_kl_grad_values(_temper(z, tau, TEMPERED), _temper(u, tau, TEMPERED), real, max_z, lse_z, max_u, lse_u,
+                             kl, c)
     out = row_ok[:, None] & (cols < part)[None, :]
     tl.store(g_ptr + r64[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=out)
 
@@ -274,10 +284,13 @@ def _gradient_tiles(z: torch.Tensor):
     return (triton.cdiv(n, bn), triton.cdiv(part, bv)), bn, bv, warps
 
 
-def sampled_gradient(z, lse_z, coef, local_target, width, temperature) -> torch.Tensor:
-    """dz [N, P] in z's dtype: coef_t (e_a - p) on real columns, 0 on padding.
+def sampled_gradient(z, lse_z, coef, local_target, width, temperature, z_max=None) -> torch.Tensor:
+    """dz [N, P] in z's dtype: coef_t (e_a - p) on real columns, 0 on padding
+    and on rows with coef_t = 0.
 
     coef: [N] fp32, already multiplied by the incoming gradient and 1 / tau.
+    z_max: optional [N]; when given, lse_z is log sum exp(z / tau - z_max)
+    (GlobalStats' z_logsum), which keeps p exact at any logit magnitude.
     """
     z = _rows_contiguous(z)
     n, part = z.shape
@@ -286,7 +299,8 @@ def sampled_gradient(z, lse_z, coef, local_target, width, temperature) -> torch.
         return dz.zero_()
     grid, bn, bv, warps = _gradient_tiles(z)
     _sampled_grad_kernel[grid](
-        z, dz, lse_z.float().contiguous(), coef.float().contiguous(), local_target, n, width, part,
+        z, dz, (torch.zeros_like(lse_z) if z_max is None else z_max).float().contiguous(),
+        lse_z.float().contiguous(), coef.float().contiguous(), local_target, n, width, part,
         z.stride(0), dz.stride(0), float(temperature), TEMPERED=temperature != 1.0, BLOCK_N=bn, BLOCK_V=bv, num_warps=warps,
     )
     return dz
@@ -296,6 +310,7 @@ def full_kl_gradient(z, u, st: S.GlobalStats, coef, width, temperature) -> torch
     """coef_t p (log p - log q - K) [N, P] in z's dtype; 0 on padded columns.
 
     coef: [N] fp32 = mask / tau. Reads z and u once, writes the gradient once.
+    Uses st's max-relative normalisers when it has them (combine_statistics' do).
     """
     z, u = _rows_contiguous(z), _rows_contiguous(u)
     n, part = z.shape
@@ -304,8 +319,17 @@ def full_kl_gradient(z, u, st: S.GlobalStats, coef, width, temperature) -> torch
         return g.zero_()
     grid, bn, bv, warps = _gradient_tiles(z)
     _full_kl_grad_kernel[grid](
-        z, u, g, st.lse_z.contiguous(), st.lse_u.contiguous(), st.kl.contiguous(), coef.float().contiguous(),
+        z, u, g, *_normalisers(st), st.kl.contiguous(), coef.float().contiguous(),
         n, width, part, z.stride(0), u.stride(0), g.stride(0), float(temperature),
         TEMPERED=temperature != 1.0, BLOCK_N=bn, BLOCK_V=bv, num_warps=warps,
     )
     return g
+
+
+def _normalisers(st: S.GlobalStats):
+    """(max_z, lse_z, max_u, lse_u), each [N] fp32 contiguous, lse relative to max
+    (zeros for max when st carries only the absolute log-normalisers)."""
+    if st.z_max is None:
+        zero = torch.zeros_like(st.lse_z)
+        return zero, st.lse_z.contiguous(), zero, st.lse_u.contiguous()
+    return tuple(t.float().contiguous() for t in (st.z_max, st.z_logsum, st.u_max, st.u_logsum))

@@ -15,7 +15,7 @@ anyway. At tp = 1 the collective is skipped; the code path is the same.
 What is kept for backward, beyond `[N]`-sized per-token tensors:
 
 * sampled modes: a reference to the student shard itself (no copy); the
-  backward recomputes p from it and the saved log-normaliser, writing
+  backward recomputes p from it and the saved max and log-sum of z, writing
   `dz = g * coef * (e_a - p) / tau` chunk by chunk;
 * full_kl: the backward needs the teacher too, so the forward writes the
   gradient `p (log p - log q - K) / tau` once, in the student's dtype, and keeps
@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
 from . import stats as S
 from .backend import use_triton
 from .config import LossConfig
@@ -90,7 +91,13 @@ def _sampled_coefficients(cfg, st, baseline, mask, behavior, old):
         loss, coef = cost * st.logp, cost
     if cfg.rollout_correction == "truncate":
         loss, coef = loss * weight, coef * weight
-    return loss * mask, coef * mask, weight, clipped, mask
+    return masked(loss, mask), masked(coef, mask), weight, clipped, mask
+
+
+def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """values * mask, exactly 0 where the mask is 0 (a non-finite masked token
+    must not turn the sum into NaN, as `values * 0` would)."""
+    return torch.where(mask != 0, values * mask, 0.0)
 
 
 def _rollout_weight(cfg, logp, behavior, old):
@@ -149,10 +156,10 @@ class VocabParallelOPDLoss(torch.autograd.Function):
                 )
         gathered = all_gather_stats(local, group, size)  # [tp, R, N]
         st = S.combine_statistics(gathered, need_opt)
-        if cfg.check_inputs:
-            _check_teacher_finite(st)
-
         topk = S.combine_topk(gathered, k, k) if k else None
+        # Rows whose gradient must be zeroed explicitly: masked tokens with
+        # non-finite logits (0 * NaN is NaN). Unknown without the check: all masked rows.
+        zero_masked = _check_finite(st, mask) if cfg.check_inputs else True
         baseline = {
             "opd": torch.zeros_like(st.kl),
             "vopd_topk": topk.kl if topk is not None else None,
@@ -161,29 +168,30 @@ class VocabParallelOPDLoss(torch.autograd.Function):
         }.get(cfg.mode, st.kl)
 
         ctx.cfg, ctx.width, ctx.part, ctx.chunk_elements = cfg, width, part, chunk_elements
-        ctx.z_dtype, ctx.consumed, ctx.fused = z.dtype, False, fused
+        ctx.z_dtype, ctx.consumed, ctx.fused, ctx.zero_masked = z.dtype, False, fused, zero_masked
         weight = clipped = None
         if cfg.sampled:
             token_loss, coef, weight, clipped, mask = _sampled_coefficients(cfg, st, baseline, mask, behavior, old)
-            ctx.save_for_backward(z, st.lse_z, coef, local_target, owned)
+            ctx.save_for_backward(z, st.z_max, st.z_logsum, coef, local_target, owned)
         else:
             if cfg.rollout_correction is not None:
                 weight = _rollout_weight(cfg, st.logp, behavior, old)
                 if cfg.rollout_correction == "mask":
                     mask = mask * weight
             if cfg.mode == "full_kl":
-                token_loss = st.kl * mask
+                token_loss = masked(st.kl, mask)
                 if fused:
                     grad = TK.full_kl_gradient(z, u, st, mask / tau, width, tau)  # [N, V/tp] z.dtype
                 else:
-                    grad = _full_kl_gradient(z, u, st, mask, tau, width, chunk_elements)  # [N, V/tp] z.dtype
+                    grad = _full_kl_gradient(z, u, st, mask, tau, width, chunk_elements, zero_masked)  # [N, V/tp]
                 ctx.save_for_backward(grad)
             else:
-                token_loss = topk.kl * mask
+                token_loss = masked(topk.kl, mask)
                 member = topk.member[:, rank * k : rank * k + k_loc]  # [N, k_loc] this shard's picks
                 cand = local[-2 * k :].t()  # [N, 2k] this shard's candidate z and u
                 ctx.save_for_backward(cand[:, :k_loc].contiguous(), cand[:, k : k + k_loc].contiguous(),
-                                      member, cols, topk.lse_z, topk.lse_u, topk.kl, mask)
+                                      member, cols, topk.z_max, topk.z_logsum, topk.u_max, topk.u_logsum,
+                                      topk.kl, mask)
         aux = (mask, st.logp, st.logq, st.kl, baseline,
                None if topk is None else topk.kl, weight, clipped)
         ctx.mark_non_differentiable(*[t for t in aux if t is not None])
@@ -193,18 +201,23 @@ class VocabParallelOPDLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         cfg = ctx.cfg
         if cfg.sampled:
-            z, lse_z, coef, local_target, owned = ctx.saved_tensors
+            z, z_max, z_logsum, coef, local_target, owned = ctx.saved_tensors
             c = grad_loss.to(coef.dtype) * coef / cfg.temperature  # [N]
             if ctx.fused:
                 from . import triton_kernels as TK
 
                 owned_col = torch.where(owned, local_target, -1)  # [N]
-                return (TK.sampled_gradient(z, lse_z, c, owned_col, ctx.width, cfg.temperature),) + (None,) * 9
+                dz = TK.sampled_gradient(z, z_logsum, c, owned_col, ctx.width, cfg.temperature, z_max=z_max)
+                return (dz,) + (None,) * 9
             dz = torch.empty_like(z)  # [N, V/tp]
             dz[:, ctx.width:].zero_()
             for rows in _row_chunks(z.shape[0], ctx.width, ctx.chunk_elements):
                 zs = S.scaled_fp32(z[rows, : ctx.width], cfg.temperature)
-                dz[rows, : ctx.width] = S.softmax_minus_onehot(zs, lse_z[rows], c[rows], local_target[rows], owned[rows])
+                g = S.softmax_minus_onehot(zs, z_logsum[rows], c[rows], local_target[rows], owned[rows],
+                                           z_max=z_max[rows])  # [n, w]
+                if ctx.zero_masked:
+                    g.masked_fill_((coef[rows] == 0)[:, None], 0.0)
+                dz[rows, : ctx.width] = g
         elif cfg.mode == "full_kl":
             # Scaled in place, as Megatron's cross entropy does with its saved
             # softmax: no second [N, V/tp] buffer. The graph is therefore
@@ -213,37 +226,76 @@ class VocabParallelOPDLoss(torch.autograd.Function):
                 raise RuntimeError("full_kl backward ran twice; its saved gradient is scaled in place")
             ctx.consumed = True
             (grad,) = ctx.saved_tensors
-            dz = grad.mul_(grad_loss.float()[:, None])  # computed in fp32, rounded once
+            # In at least fp32 (fp64 stays fp64), rounded once to the gradient's dtype.
+            dz = grad.mul_(grad_loss.to(torch.promote_types(grad.dtype, torch.float32))[:, None])
         else:
-            cz, cu, member, cols, lse_zs, lse_us, kl_s, mask = ctx.saved_tensors
+            cz, cu, member, cols, z_max, z_logsum, u_max, u_logsum, kl_s, mask = ctx.saved_tensors
             dz = torch.zeros(cz.shape[0], ctx.part, dtype=ctx.z_dtype, device=cz.device)
             if cols.shape[1]:
-                logp = cz - lse_zs[:, None]  # [N, k_loc] log p~
-                r = logp - (cu - lse_us[:, None])  # log p~ - log q~
+                logp = (cz - z_max[:, None]) - z_logsum[:, None]  # [N, k_loc] log p~
+                r = logp - ((cu - u_max[:, None]) - u_logsum[:, None])  # log p~ - log q~
                 c = (grad_loss.to(mask.dtype) * mask / cfg.temperature)[:, None]
-                g = logp.exp() * (r - kl_s[:, None]) * c * member
+                g = torch.where((c != 0) & member, logp.exp() * (r - kl_s[:, None]) * c, 0.0)  # [N, k_loc]
                 dz.scatter_(1, cols, g.to(dz.dtype))
         return (dz,) + (None,) * 9
 
 
-def _full_kl_gradient(z, u, st, mask, tau, width, chunk_elements):
+def _full_kl_gradient(z, u, st, mask, tau, width, chunk_elements, zero_masked=True):
     """mask * p (log p - log q - K) / tau for every column, in z's dtype."""
     grad = torch.zeros_like(z)  # [N, V/tp]
     coef = mask / tau
     for rows in _row_chunks(z.shape[0], width, chunk_elements):
         zs = S.scaled_fp32(z[rows, :width], tau)
         us = S.scaled_fp32(u[rows, :width], tau)
-        grad[rows, :width] = S.full_kl_gradient(zs, us, (st.lse_z[rows], st.lse_u[rows], st.kl[rows]), coef[rows])
+        g = S.full_kl_gradient(zs, us, (st.z_logsum[rows], st.u_logsum[rows], st.kl[rows]), coef[rows],
+                               maxima=(st.z_max[rows], st.u_max[rows]))  # [n, w]
+        if zero_masked:
+            g.masked_fill_((coef[rows] == 0)[:, None], 0.0)
+        grad[rows, :width] = g
     return grad
 
 
-def _check_teacher_finite(st):
-    # lse_u is non-finite for +inf/NaN teacher logits; K for -inf ones (given a
-    # finite student). Both are global, so every rank raises together.
-    bad = ~torch.isfinite(st.lse_u) | (~torch.isfinite(st.kl) & torch.isfinite(st.lse_z))
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten()[:5].tolist()
-        raise ValueError(
-            f"non-finite teacher logits on real vocabulary columns (token rows {rows}...); "
-            "check the teacher checkpoint and its vocabulary padding"
-        )
+def _check_finite(st, mask) -> bool:
+    """Raise NonFiniteLogitsError naming the model (student first) and the token
+    rows whose logits are not finite on real columns; tokens with mask 0 are not
+    checked. Returns whether some masked token has non-finite statistics. One
+    host sync; the statistics are global, so every TP rank decides the same.
+
+    Which statistic shows what (given the other model finite): NaN or +inf in z
+    makes lse_z non-finite, -inf in z makes E_p[z - u] NaN (0 * -inf), so K is
+    NaN with both normalisers finite; NaN or +inf in u makes lse_u non-finite,
+    -inf in u makes K +inf.
+    """
+    live = mask != 0  # [N]
+    fin_z, fin_u, fin_kl = torch.isfinite(st.lse_z), torch.isfinite(st.lse_u), torch.isfinite(st.kl)
+    student = ~fin_z | (torch.isnan(st.kl) & fin_u)  # [N]
+    teacher = ~student & (~fin_u | ~fin_kl)  # [N]
+    row_bad = student | teacher
+    flags = torch.stack([(student & live).any(), (teacher & live).any(), (row_bad & ~live).any()]).tolist()
+    for name, bad, hint in (("student", student, "a diverged student (check the learning rate and the last "
+                                                  "checkpoint)"),
+                            ("teacher", teacher, "check the teacher checkpoint and its vocabulary padding")):
+        if flags[0 if name == "student" else 1]:
+            rows = (bad & live).nonzero().flatten()
+            raise NonFiniteLogitsError(
+                f"non-finite {name} logits on real vocabulary columns (token rows {rows[:5].tolist()}"
+                f"{'...' if rows.numel() > 5 else ''}); {hint}", model=name, token_rows=rows.tolist())
+    return bool(flags[2])
+
+
+def _check_teacher_finite(st, mask=None) -> bool:
+    """The former name of `_check_finite` (which now names the student too); all rows live without a mask."""
+    return _check_finite(st, torch.ones_like(st.kl) if mask is None else mask)
+
+
+class NonFiniteLogitsError(UserError, ValueError):
+    """Student or teacher logits that are NaN or infinite on a live token (a
+    diverged student, a broken teacher checkpoint): a fault of the run's
+    inputs, reported as one line by the entry points.
+
+    model: "student" or "teacher"; token_rows: flat indices into the loss
+    call's leading dims (e.g. b * s + t for [b, s] targets)."""
+
+    def __init__(self, message: str, *, model: str, token_rows: list[int]):
+        super().__init__(message)
+        self.model, self.token_rows = model, token_rows

@@ -29,11 +29,13 @@ class OnPolicyRolloutSource:
     """Rollouts sampled on demand from the student over a list of tokenized prompts."""
 
     def __init__(self, sampler: RolloutSampler, prompts: list[list[int]], seed: int = 0, shuffle: bool = True,
-                 dp_group=None):
+                 dp_group=None, sources: list[str] | None = None):
+        """sources: where each prompt is (`prompts.jsonl:7`), carried by its rollouts for messages."""
         if not prompts:
             raise ValueError("OnPolicyRolloutSource needs at least one prompt")
         self.sampler = sampler
         self.prompts = [list(p) for p in prompts]
+        self.sources = list(sources) if sources is not None else [None] * len(self.prompts)
         self.seed, self.shuffle, self.dp_group = int(seed), shuffle, dp_group
         self._consumed = 0
         self._order = {}  # epoch -> permutation of prompt indices
@@ -49,7 +51,8 @@ class OnPolicyRolloutSource:
         return int(self._order[epoch][k])
 
     def take(self, n: int) -> list[Rollout]:
-        prompts = [self.prompts[self.prompt_index(self._consumed + i)] for i in range(n)]
+        index = [self.prompt_index(self._consumed + i) for i in range(n)]
+        prompts = [self.prompts[k] for k in index]
         dp = dist.get_world_size(self.dp_group) if self.dp_group is not None else 1
         rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
         lo, hi = rank * n // dp, (rank + 1) * n // dp
@@ -60,7 +63,8 @@ class OnPolicyRolloutSource:
             dist.all_gather_object(pieces, mine, group=self.dp_group)
             mine = [x for piece in pieces for x in piece]
         self._consumed += n
-        return [Rollout(list(p), ids, lps, hit) for p, (ids, lps, hit) in zip(prompts, mine)]
+        return [Rollout(list(p), ids, lps, hit, source=self.sources[k])
+                for k, p, (ids, lps, hit) in zip(index, prompts, mine)]
 
     @property
     def consumed(self) -> int:

@@ -19,6 +19,9 @@ from typing import Protocol
 
 import torch
 
+from ..data import checks
+from ..errors import DataError
+
 
 @dataclass
 class Rollout:
@@ -29,6 +32,9 @@ class Rollout:
     hit_max_length: bool | None = None
     """The sampler reached its token limit without EOS / stop (kept, trained on,
     counted in `rollout/hit_max_length`); None: unknown (rollout files)."""
+    source: str | None = None
+    """Where the rollout comes from, for messages (`rollouts.jsonl:12`, or the
+    prompt's location for on-policy rollouts); None: unknown."""
 
 
 def rollout_stats(rollouts: list[Rollout]) -> dict[str, float]:
@@ -57,16 +63,29 @@ class RolloutSource(Protocol):
 
 class JsonlRolloutSource:
     """Rollouts from a JSONL file: one `{"prompt_ids": [...], "completion_ids": [...],
-    "logprobs": [...]?}` per line, read in file order and cycled."""
+    "logprobs": [...]?}` per line, read in file order and cycled.
 
-    def __init__(self, path: str | Path, vocab_size: int | None = None):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"rollout file {self.path} does not exist")
-        self.rollouts = [self._parse(i, line, vocab_size) for i, line in
-                         enumerate(self.path.read_text().splitlines()) if line.strip()]
+    Every row is checked while loading (`DataError` naming the file, line and
+    field): integer token ids inside [0, vocab_size), a non-empty prompt and
+    completion, finite log-probs <= 0, one per completion token. With
+    `seq_length`, a prompt that leaves no completion token inside the training
+    sequence (longer than seq_length tokens) is an error too: that row would
+    train on nothing. A completion cut at seq_length + 1 tokens is kept (its
+    first tokens are trained on) and counted in `truncated`. With
+    `needs_logprobs` (rollout correction, PPO ratio) every row must carry them.
+    """
+
+    def __init__(self, path: str | Path, vocab_size: int | None = None, *, seq_length: int | None = None,
+                 needs_logprobs: str | None = None):
+        self.path = checks.require_file(path, "rollout file")
+        self.seq_length, self.needs_logprobs, self.truncated = seq_length, needs_logprobs, 0
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise DataError(f"rollout file {self.path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        self.rollouts = [self._parse(i, line, vocab_size) for i, line in enumerate(lines) if line.strip()]
         if not self.rollouts:
-            raise ValueError(f"rollout file {self.path} has no rollouts")
+            raise DataError(f"rollout file {self.path} has no rollouts")
         self._consumed = 0
 
     def _parse(self, i, line, vocab_size):
@@ -74,19 +93,28 @@ class JsonlRolloutSource:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON ({exc})") from None
+            raise DataError(f"{where}: not valid JSON ({exc})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object, got {checks.kind(rec)}")
         for key in ("prompt_ids", "completion_ids"):
             if key not in rec:
-                raise ValueError(f"{where}: missing field {key!r}")
-        if not rec["prompt_ids"]:
-            raise ValueError(f"{where}: empty prompt_ids (a completion needs a context)")
-        ids = rec["prompt_ids"] + rec["completion_ids"]
-        if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
-            raise ValueError(f"{where}: token id outside the vocabulary [0, {vocab_size})")
+                raise DataError(f"{where}: missing field {key!r}; the record has {sorted(rec)}")
+        prompt = checks.token_ids(where, "prompt_ids", rec["prompt_ids"], vocab_size,
+                                  empty="is empty (a completion needs a context)")
+        completion = checks.token_ids(where, "completion_ids", rec["completion_ids"], vocab_size,
+                                      empty="is empty: the rollout has no token to train on")
+        if self.seq_length is not None and len(prompt) > self.seq_length:
+            raise DataError(f"{where}: field 'prompt_ids' has {len(prompt)} tokens, which fill --seq-length "
+                            f"{self.seq_length}: no completion token would be trained on")
+        if self.seq_length is not None and len(prompt) + len(completion) > self.seq_length + 1:
+            self.truncated += 1
         lp = rec.get("logprobs")
-        if lp is not None and len(lp) != len(rec["completion_ids"]):
-            raise ValueError(f"{where}: {len(lp)} logprobs for {len(rec['completion_ids'])} completion tokens")
-        return Rollout(rec["prompt_ids"], rec["completion_ids"], lp)
+        if lp is not None:
+            lp = checks.logprobs(where, "logprobs", lp, len(completion))
+        elif self.needs_logprobs:
+            raise DataError(f"{where}: no 'logprobs' field, which {self.needs_logprobs} needs "
+                            "(the sampler's log-prob of every completion token)")
+        return Rollout(prompt, completion, lp, source=where)
 
     def take(self, n):
         out = [self.rollouts[(self._consumed + i) % len(self.rollouts)] for i in range(n)]

@@ -31,6 +31,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..errors import entry_point, reading_inputs
 from ..loss.config import LOSS_MODES, TOPK_MODES
 
 
@@ -80,6 +81,7 @@ def measure(models, run, prompts: list[list[int]], modes: list[str], resamples: 
     return out
 
 
+@entry_point
 def main(argv=None):
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--resamples", type=int, default=16)
@@ -88,7 +90,6 @@ def main(argv=None):
     pre.add_argument("--out", default=None, help="write the result as JSON here")
     own, rest = pre.parse_known_args(argv)
     from ..config import parse_config
-    from ..config.schema import ConfigError
     from .checkpoint import load_model_weights
     from .setup import build_models, initialize_parallel
     from .step import wire_megatron_hooks
@@ -103,11 +104,12 @@ def main(argv=None):
         raise SystemExit("error: the exact variance measurement supports TP = 1 and PP = 1 (small models)")
     if not run.data.prompt_data:
         raise SystemExit("error: give --prompt-data (the fixed batch is its first --prompts prompts)")
-    try:  # bad flags or data: a one-line error before anything is built
+    with reading_inputs():  # bad flags or data: a one-line error before anything is built
         run.validate(int(os.environ.get("WORLD_SIZE", 1)))
         inputs = load_inputs(run, evaluate=False)  # tokenized exactly as vopd-train's prompts
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    if len(inputs.prompts) < own.prompts:  # the fixed batch would silently be smaller
+        raise SystemExit(f"error: --prompts {own.prompts}: {run.data.prompt_data} has only {len(inputs.prompts)} "
+                         "prompts that fit the sequence")
     init_distributed()
     initialize_parallel(run)
     models = build_models(run)

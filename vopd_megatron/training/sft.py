@@ -33,31 +33,39 @@ import os
 import sys
 import time
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 from ..data.prompts import read_records
+from ..errors import DataError, entry_point, reading_inputs
 from .data import Rollout
 
 
 def load_sft_rows(path, tokenizer, eos_id: int | None, seq_length: int) -> list[Rollout]:
     """Tokenized (prompt, completion + EOS) pairs from JSONL / Parquet records;
-    a row longer than seq_length + 1 is an error."""
+    a row longer than seq_length + 1, or with nothing to train on, is an error."""
     rows = []
-    for where, rec in read_records(path):
+    for where, rec in read_records(path, "SFT data file"):
         for key in ("prompt", "completion"):
             if not isinstance(rec.get(key), str):
-                raise ValueError(f"{where}: needs a text field {key!r}")
+                got = "missing" if key not in rec else f"got {type(rec[key]).__name__ if rec[key] is not None else 'null'}"
+                raise DataError(f"{where}: needs a text field {key!r} ({got})")
         prompt = tokenizer.encode(rec["prompt"], add_special_tokens=False)
         completion = tokenizer.encode(rec["completion"], add_special_tokens=False)
         completion += [eos_id] if eos_id is not None else []
-        if not prompt or len(prompt) + len(completion) > seq_length + 1:
-            raise ValueError(f"{where}: {len(prompt) + len(completion)} tokens do not fit "
-                             f"--seq-length {seq_length} (+1), or the prompt is empty")
-        rows.append(Rollout(prompt, completion))
+        if not prompt:
+            raise DataError(f"{where}: field 'prompt' is empty after tokenization (a completion needs a context)")
+        if not completion:
+            raise DataError(f"{where}: field 'completion' is empty and there is no EOS id to append "
+                            "(--eos-id): the row has no token to train on")
+        if len(prompt) + len(completion) > seq_length + 1:
+            raise DataError(f"{where}: {len(prompt) + len(completion)} tokens do not fit "
+                            f"--seq-length {seq_length} (+1)")
+        rows.append(Rollout(prompt, completion, source=where))
     if not rows:
-        raise ValueError(f"{path} has no rows")
+        raise DataError(f"{path} has no rows")
     return rows
 
 
@@ -172,25 +180,23 @@ def _parse(argv):
     return own, run
 
 
+@entry_point
 def main(argv=None):
     own, run = _parse(argv)
     from megatron.core import parallel_state
 
-    from ..config.schema import ConfigError
-    from ..data import load_tokenizer
     from .checkpoint import load_model_weights, save_checkpoint
+    from .faults import at_iteration, check_step
     from .setup import initialize_parallel
-    from .train import dp_microbatches, init_distributed, run_eos_id
+    from .train import dp_microbatches, init_distributed, run_eos_id, run_tokenizer
 
     if not run.data.tokenizer_model:
         raise SystemExit("error: vopd-sft needs --tokenizer-model (the text is tokenized here)")
-    try:  # bad flags or data: a one-line error before anything is built
+    with reading_inputs():  # bad flags or data: a one-line error before anything is built
         run.validate(int(os.environ.get("WORLD_SIZE", 1)))
-        tokenizer = load_tokenizer(run.data.tokenizer_model)
+        tokenizer = run_tokenizer(run)
         eos = run_eos_id(run, tokenizer)
         rows = ShuffledRows(load_sft_rows(own.sft_data, tokenizer, eos, run.model.seq_length), run.train.seed)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from None
 
     init_distributed()
     initialize_parallel(run)
@@ -204,15 +210,20 @@ def main(argv=None):
               f"of {run.train.global_batch_size}", flush=True)
     t0 = time.perf_counter()
     for it in range(1, run.train.train_iters + 1):
-        microbatches = dp_microbatches(rows.take(run.train.global_batch_size), run, device)
+        batch = rows.take(run.train.global_batch_size)
+        microbatches = dp_microbatches(batch, run, device)
         optimizer.zero_grad()
         losses = sft_forward_backward(model, microbatches, run)
-        _, grad_norm, _ = optimizer.step()
+        ok, grad_norm, _ = optimizer.step()
+        with at_iteration(it):  # a non-finite gradient stops the run before any save
+            check_step(SimpleNamespace(metrics=None, skipped=not ok, grad_norm=float(grad_norm or 0.0)), batch,
+                       grad_norm_known=grad_norm is not None and run.train.clip_grad > 0)
         scheduler.step(increment=1)
         if losses and (it % run.logging.log_interval == 0 or it == run.train.train_iters):
             loss = mean_loss(losses)  # a DP collective: every last-stage rank computes it
+            norm = float("nan") if grad_norm is None else float(grad_norm)  # None: --clip-grad 0
             if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
-                print(f"[sft] iter {it:5d} | loss {loss:.4f} | grad norm {float(grad_norm):.3f} "
+                print(f"[sft] iter {it:5d} | loss {loss:.4f} | grad norm {norm:.3f} "
                       f"| lr {optimizer.param_groups[0]['lr']:.2e} | {time.perf_counter() - t0:.0f} s", flush=True)
         ck = run.checkpoint
         if ck.save and (it == run.train.train_iters or (ck.save_interval and it % ck.save_interval == 0)):

@@ -21,6 +21,7 @@ from ..loss import LossConfig, summarize_metrics
 from ..megatron.fused_output import OutputLayerInput
 from ..megatron.loss_adapter import make_fused_loss_func, make_loss_func
 from ..model.distill import p2p_shape_adjuster
+from .faults import naming_rows
 
 
 @dataclass
@@ -55,8 +56,10 @@ def _forward_step(loss_config: LossConfig, vocab_size: int, mask, data_iterator,
     common = dict(labels=mb["labels"], loss_mask=mb["loss_mask"], config=loss_config, vocab_size=vocab_size,
                   behavior_logprobs=behavior, old_logprobs=old)
     if isinstance(student_out, OutputLayerInput):  # output layers fused into the loss
-        return student_out, make_fused_loss_func(teacher=teacher_out, **common)
-    return student_out, make_loss_func(teacher_logits=teacher_out, **common)
+        loss_func = make_fused_loss_func(teacher=teacher_out, **common)
+    else:
+        loss_func = make_loss_func(teacher_logits=teacher_out, **common)
+    return student_out, naming_rows(loss_func, mb.get("sources"), mb["labels"].shape[-1])
 
 
 def wire_megatron_hooks(models, run: RunConfig) -> None:

@@ -21,10 +21,11 @@ import torch.distributed as dist
 
 from ..config import parse_config
 from ..config.args import to_flat_dict
-from ..config.schema import ConfigError
-from ..data import check_compatible, load_prompt_dataset, load_tokenizer
+from ..data import check_compatible, check_vocab_fits, load_prompt_dataset, load_tokenizer
+from ..errors import entry_point, reading_inputs
 from ..net import free_local_port
 from .data import JsonlRolloutSource, collate, rollout_stats
+from .faults import at_iteration, check_step
 
 
 def init_distributed() -> int:
@@ -49,14 +50,20 @@ def dp_microbatches(rollouts, run, device):
     per_rank = len(rollouts) // dp
     mine = rollouts[rank * per_rank : (rank + 1) * per_rank]
     mbs = run.train.micro_batch_size
-    batches = [collate(mine[i : i + mbs], run.model.seq_length) for i in range(0, per_rank, mbs)]
-    return [{k: v.to(device) for k, v in b.items()} for b in batches]
+    out = []
+    for i in range(0, per_rank, mbs):
+        batch = {k: v.to(device) for k, v in collate(mine[i : i + mbs], run.model.seq_length).items()}
+        batch["sources"] = [r.source for r in mine[i : i + mbs]]  # for messages naming data rows
+        out.append(batch)
+    return out
 
 
 def run_tokenizer(run):
     """The student's tokenizer (None without --tokenizer-model), checked against the teacher's."""
     d = run.data
     tokenizer = load_tokenizer(d.tokenizer_model) if d.tokenizer_model else None
+    if tokenizer is not None:
+        check_vocab_fits(tokenizer, run.model.vocab_size)
     if d.teacher_tokenizer_model:
         if tokenizer is None:
             raise ValueError("--teacher-tokenizer-model needs --tokenizer-model (the student's) to compare with")
@@ -71,6 +78,7 @@ class RunInputs:
 
     tokenizer: object | None
     prompts: list[list[int]] | None  # --prompt-data, tokenized
+    prompt_rows: list[str] | None  # where each prompt is in --prompt-data (for messages)
     rollout_file: JsonlRolloutSource | None  # --rollout-data
     eval_problems: list | None  # --eval-data (only when --eval-interval > 0)
 
@@ -80,9 +88,9 @@ def load_inputs(run, evaluate: bool) -> RunInputs:
     Raises ValueError / FileNotFoundError naming the file and the problem."""
     d = run.data
     tokenizer = run_tokenizer(run)
-    prompts = rollout_file = problems = None
+    prompts = rollout_file = problems = report = None
     if d.rollout_data:
-        rollout_file = JsonlRolloutSource(d.rollout_data, vocab_size=run.model.vocab_size)
+        rollout_file = load_rollout_file(run)
     elif d.prompt_data:
         budget = run.model.seq_length + 1 - d.rollout_max_new_tokens
         prompts, report = load_prompt_dataset(d.prompt_data, tokenizer, budget, prompt_field=d.prompt_field,
@@ -94,7 +102,22 @@ def load_inputs(run, evaluate: bool) -> RunInputs:
         from ..eval import load_run_problems
 
         problems = load_run_problems(run, tokenizer, log=rank0_print)
-    return RunInputs(tokenizer, prompts, rollout_file, problems)
+    return RunInputs(tokenizer, prompts, report["rows"] if report else None, rollout_file, problems)
+
+
+def load_rollout_file(run) -> JsonlRolloutSource:
+    """--rollout-data, every row checked against the vocabulary and the sequence length."""
+    distill, d = run.distill, run.data
+    needs = ("--vopd-rollout-correction" if distill.vopd_rollout_correction
+             else "--vopd-ppo-clip" if distill.vopd_ppo_clip is not None else None)
+    source = JsonlRolloutSource(d.rollout_data, vocab_size=run.model.vocab_size,
+                                seq_length=run.model.seq_length, needs_logprobs=needs)
+    n, gbs = len(source.rollouts), run.train.global_batch_size
+    rank0_print(f"[vopd] {n} rollouts from {d.rollout_data}"
+                + (f"; {source.truncated} longer than --seq-length + 1, their completions cut" if source.truncated
+                   else "")
+                + (f"; warning: fewer than --global-batch-size {gbs}, rows repeat within a step" if n < gbs else ""))
+    return source
 
 
 def run_eos_id(run, tokenizer) -> int | None:
@@ -129,7 +152,7 @@ def rollout_source(run, models, inputs: RunInputs):
     sampler = RolloutSampler(models.student, rollout_sampling_config(run, tokenizer), run.model.vocab_size,
                              loss_mode=run.distill.vopd_loss, tokenizer=tokenizer)
     return OnPolicyRolloutSource(sampler, inputs.prompts, seed=run.train.seed,
-                                 dp_group=parallel_state.get_data_parallel_group())
+                                 dp_group=parallel_state.get_data_parallel_group(), sources=inputs.prompt_rows)
 
 
 def rank0_print(message: str) -> None:
@@ -145,6 +168,7 @@ def dry_run(run, ns, world_size):
     print(format_report(report, gpu_memory_gb=ns.gpu_memory_gb))
 
 
+@entry_point
 def main(argv=None):
     run, ns = parse_config(argv)
     if ns.dry_run:  # no process group, no weights: validate and estimate
@@ -155,11 +179,9 @@ def main(argv=None):
     if not (run.data.rollout_data or run.data.prompt_data):
         raise SystemExit("error: give --prompt-data (on-policy: the student samples) "
                          "or --rollout-data (rollouts from an external sampler)")
-    try:  # bad flags or data: a one-line error before anything is built
+    with reading_inputs():  # bad flags or data: a one-line error before anything is built
         run.validate(int(os.environ.get("WORLD_SIZE", 1))).check_runtime()
         inputs = load_inputs(run, evaluate=bool(run.eval.eval_interval))
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from None
 
     from .checkpoint import load_checkpoint, load_model_weights, save_checkpoint
     from .logging import StepLogger
@@ -206,8 +228,10 @@ def main(argv=None):
         rollouts = source.take(run.train.global_batch_size)  # identical on every rank
         rollout_s = time.perf_counter() - t0
         microbatches = dp_microbatches(rollouts, run, device)
-        for _ in range(run.distill.vopd_updates_per_batch):  # >1: PPO-clipped reuse of the batch
-            result = train_step(models, optimizer, scheduler, microbatches, run, loss_config)
+        with at_iteration(iteration):  # a non-finite loss or gradient stops the run before any save
+            for _ in range(run.distill.vopd_updates_per_batch):  # >1: PPO-clipped reuse of the batch
+                result = train_step(models, optimizer, scheduler, microbatches, run, loss_config)
+                check_step(result, rollouts, grad_norm_known=run.train.clip_grad > 0)
         result.seconds["rollout"] = rollout_s
         result.metrics.update(rollout_stats(rollouts))
         logger.log(iteration, result)
