@@ -14,16 +14,20 @@ and streams vocabulary tiles (fused_steps.tiles):
   (fp32 GEMM results), the tile's statistics rows (stats.local_statistics),
   folded into the running `[R, N]` rows (fused_steps.fold_statistics); the
   top-k modes fold the tile's candidates as well. Then exactly what the
-  logits path does: one all-gather of `[tp, R, N]`, stats.combine_statistics,
-  stats.combine_topk, the baselines and the sampled-mode coefficients
-  (vocab_parallel's own helpers), so values and metrics are the same;
+  logits path does: one all-gather of `[tp, R, N]` and per_token.mode_terms,
+  the logits path's own code (combine, finiteness check, baselines,
+  per-token losses and coefficients, saved rows), so values, metrics,
+  precision and masking are the same;
 * backward: the student tiles are recomputed (one more GEMM per tile), the
   logit gradient `g [n, w]` of the mode is formed (stats.softmax_minus_onehot,
-  stats.full_kl_gradient -- which also recomputes the teacher tile -- or the
-  saved top-k candidates scattered into the tile), rounded to the weights'
-  dtype as the logits path's gradient is, and two GEMMs accumulate
+  stats.full_kl_gradient -- which also recomputes the teacher tile -- or
+  per_token.topk_kl_candidate_grad scattered into the tile), rounded to the
+  weights' dtype as the logits path's gradient is, and two GEMMs accumulate
   `dh_s += g W_s[cols]` (fp32 accumulator) and `dW_s[cols] = g^T h_s`.
-  The teacher gets no gradient.
+  The teacher gets no gradient. Rows of masked tokens are exactly 0 in `g`;
+  when one of them may hold a non-finite hidden state (the finiteness check
+  saw one, or `check_inputs` is off) the wgrad reads a copy of `h_s` with
+  those rows zeroed, since `0 * NaN` in `g^T h_s` is NaN.
 
 Saved for backward: references to the four inputs (no copies: they are
 activations and parameters that exist anyway) and `[N]` / `[N, k]` tensors.
@@ -45,14 +49,13 @@ import torch
 import torch.distributed as dist
 
 from . import fused_steps as F
+from . import per_token as P
 from . import stats as S
 from .api import validate_inputs
 from .backend import use_triton
 from .config import LossConfig
 from .terms import TokenTerms, reduce_token_terms
-from .vocab_parallel import (
-    _check_teacher_finite, _rollout_weight, _sampled_coefficients, all_gather_stats, group_rank_size,
-)
+from .vocab_parallel import all_gather_stats, group_rank_size
 
 
 def _local_pass(hs, ws, ht, wt, local_target, owned, cfg, width, k, plan, fused, with_cols):
@@ -114,41 +117,17 @@ class FusedOutputOPDLoss(torch.autograd.Function):
         local, cols = _local_pass(hs, ws, ht, wt, local_target, owned, cfg, width, k, plan, fused,
                                   with_cols=cfg.mode == "topk_kl")
         gathered = all_gather_stats(local, group, size)  # [tp, R, N]: the one collective
-        st = S.combine_statistics(gathered, need_opt)
-        if cfg.check_inputs:
-            _check_teacher_finite(st)
-        topk = S.combine_topk(gathered, k, k) if k else None
-        baseline = {
-            "opd": torch.zeros_like(st.kl),
-            "vopd_topk": topk.kl if topk is not None else None,
-            "vopd_opt": S.optimal_baseline_from_stats(st.kl, st.s2, st.p2_dev, cfg.baseline_eps(st.kl.dtype))
-            if need_opt else None,
-        }.get(cfg.mode, st.kl)
+        # From here on the logits path's own code: the same per-token math, saved rows and checks.
+        terms = P.mode_terms(cfg, gathered, local, mask, behavior, old, rank=rank, k=k, width=width,
+                             local_target=local_target, owned=owned)
 
-        ctx.cfg, ctx.width, ctx.plan, ctx.fused = cfg, width, plan, fused
+        ctx.cfg, ctx.width, ctx.plan, ctx.fused, ctx.zero_masked = cfg, width, plan, fused, terms.zero_masked
         ctx.group = group if reduce_hidden_grad and size > 1 else None
-        weight = clipped = None
-        if cfg.sampled:
-            token_loss, coef, weight, clipped, mask = _sampled_coefficients(cfg, st, baseline, mask, behavior, old)
-            ctx.save_for_backward(hs, ws, st.lse_z, coef, local_target, owned)
-        else:
-            if cfg.rollout_correction is not None:
-                weight = _rollout_weight(cfg, st.logp, behavior, old)
-                if cfg.rollout_correction == "mask":
-                    mask = mask * weight
-            if cfg.mode == "full_kl":
-                token_loss = st.kl * mask
-                ctx.save_for_backward(hs, ws, ht, wt, st.lse_z, st.lse_u, st.kl, mask)
-            else:
-                token_loss = topk.kl * mask
-                k_loc = min(k, width)
-                member = topk.member[:, rank * k : rank * k + k_loc]  # [N, k_loc] this shard's picks
-                cand = local[-2 * k :].t()  # [N, 2k] this shard's candidate z and u
-                ctx.save_for_backward(hs, ws, cand[:, :k_loc].contiguous(), cand[:, k : k + k_loc].contiguous(),
-                                      member, cols[:, :k_loc].contiguous(), topk.lse_z, topk.lse_u, topk.kl, mask)
-        aux = (mask, st.logp, st.logq, st.kl, baseline, None if topk is None else topk.kl, weight, clipped)
-        ctx.mark_non_differentiable(*[t for t in aux if t is not None])
-        return (token_loss,) + aux
+        inputs = (hs, ws, ht, wt) if cfg.mode == "full_kl" else (hs, ws)  # references: tiles are recomputed
+        extra = (cols[:, : min(k, width)].contiguous(),) if cfg.mode == "topk_kl" else ()  # [N, k_loc] shard columns
+        ctx.save_for_backward(*inputs, *terms.saved, *extra)
+        ctx.mark_non_differentiable(*[t for t in terms.outputs[1:] if t is not None])
+        return terms.outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -158,18 +137,21 @@ class FusedOutputOPDLoss(torch.autograd.Function):
         none = (None,) * 11
         if not (need_h or need_w):
             return (None, None) + none
-        grad_tile = _grad_tile_fn(cfg, saved, grad_loss, ctx.fused)
+        grad_tile, row_coef = _grad_tile_fn(cfg, saved, grad_loss, ctx.fused, ctx.zero_masked)
         n, hidden = hs.shape
         acc_dtype = S.stat_dtype(hs.dtype)
         dh = torch.zeros(n, hidden, dtype=acc_dtype, device=hs.device) if need_h else None  # [N, H_s]
         dw = torch.zeros_like(ws) if need_w else None  # [P, H_s]; padded rows stay 0
+        # The gradient rows of masked tokens are 0, but their hidden states may not be
+        # finite (0 * NaN in g^T h): the wgrad reads h with those rows zeroed.
+        hs_w = hs.masked_fill((row_coef == 0)[:, None], 0.0) if need_w and ctx.zero_masked else hs  # [N, H_s]
         dw_tile = None
         for c, rows, first, last in F.tiles(n, ctx.width, *ctx.plan):
             g = grad_tile(c, rows).to(hs.dtype)  # [n, w], rounded like the logits path's dz
             if need_h:
                 dh[rows] += F.mm_f32(g, ws[c])  # [n, H_s]
             if need_w:
-                part = F.mm_f32(g.t(), hs[rows])  # [w, H_s]
+                part = F.mm_f32(g.t(), hs_w[rows])  # [w, H_s]
                 dw_tile = part if first else dw_tile.add_(part)
                 if last:
                     dw[c] = dw_tile
@@ -179,46 +161,49 @@ class FusedOutputOPDLoss(torch.autograd.Function):
         return (None if dh is None else dh.to(hs.dtype), dw) + none
 
 
-def _grad_tile_fn(cfg, saved, grad_loss, fused):
-    """`grad_tile(cols, rows) -> [n, w]` fp32: d loss / d raw student logits of one tile."""
+def _grad_tile_fn(cfg, saved, grad_loss, fused, zero_masked):
+    """(`grad_tile(cols, rows) -> [n, w]` fp32, d loss / d raw student logits of one
+    tile; `[N]` row coefficients, 0 on masked tokens, whose rows the tiles zero)."""
     tau = cfg.temperature
     hs, ws = saved[0], saved[1]
     if cfg.sampled:
-        _, _, lse_z, coef, local_target, owned = saved
-        c = grad_loss.to(coef.dtype) * coef / tau  # [N]
+        _, _, z_max, z_logsum, coef, local_target, owned = saved
+        c = P.sampled_row_coef(grad_loss, coef, tau)  # [N]
         if fused:
             from . import fused_output_triton as TF
 
             tgt = torch.where(owned, local_target, -1)  # [N]
-            return lambda cols, rows: TF.sampled_grad_tile(hs, ws, cols, rows, lse_z, c, tgt, tau)
+            return lambda cols, rows: TF.sampled_grad_tile(hs, ws, cols, rows, (z_max, z_logsum), c, tgt, tau), c
 
         def sampled(cols, rows):
             zs = F.logit_tile(hs[rows], ws[cols], tau)  # [n, w] recomputed
             lt = local_target[rows] - cols.start
             in_tile = owned[rows] & (lt >= 0) & (lt < zs.shape[1])
-            return S.softmax_minus_onehot(zs, lse_z[rows], c[rows], lt, in_tile)
+            g = S.softmax_minus_onehot(zs, z_logsum[rows], c[rows], lt, in_tile, z_max=z_max[rows])  # [n, w]
+            return P.zero_dead_rows_(g, c[rows], zero_masked)
 
-        return sampled
+        return sampled, c
     if cfg.mode == "full_kl":
-        _, _, ht, wt, lse_z, lse_u, kl, mask = saved
-        c = grad_loss.to(mask.dtype) * mask / tau  # [N]
+        _, _, ht, wt, z_max, z_logsum, u_max, u_logsum, kl, mask = saved
+        c = P.kl_row_coef(grad_loss, mask, tau)  # [N]
         if fused:
             from . import fused_output_triton as TF
 
-            return lambda cols, rows: TF.full_kl_grad_tile(hs, ws, ht, wt, cols, rows, (lse_z, lse_u, kl), c, tau)
+            stats_rows = (z_max, z_logsum, u_max, u_logsum, kl)
+            return lambda cols, rows: TF.full_kl_grad_tile(hs, ws, ht, wt, cols, rows, stats_rows, c, tau), c
 
         def full_kl(cols, rows):
             zs = F.logit_tile(hs[rows], ws[cols], tau)  # [n, w] recomputed
             us = F.logit_tile(ht[rows], wt[cols], tau)  # [n, w] recomputed
-            return S.full_kl_gradient(zs, us, (lse_z[rows], lse_u[rows], kl[rows]), c[rows])
+            g = S.full_kl_gradient(zs, us, (z_logsum[rows], u_logsum[rows], kl[rows]), c[rows],
+                                   maxima=(z_max[rows], u_max[rows]))  # [n, w]
+            return P.zero_dead_rows_(g, c[rows], zero_masked)
 
-        return full_kl
-    _, _, cz, cu, member, cols_k, lse_zs, lse_us, kl_s, mask = saved
-    logp = cz - lse_zs[:, None]  # [N, k_loc] log p~
-    r = logp - (cu - lse_us[:, None])  # log p~ - log q~
-    c = (grad_loss.to(mask.dtype) * mask / tau)[:, None]
-    g = logp.exp() * (r - kl_s[:, None]) * c * member  # [N, k_loc], nothing to recompute
-    return lambda cols, rows: F.topk_grad_tile(cols_k[rows], g[rows], cols.start, cols.stop - cols.start)
+        return full_kl, c
+    topk_saved, cols_k = saved[2:-1], saved[-1]
+    g = P.topk_kl_candidate_grad(topk_saved, grad_loss, tau)  # [N, k_loc], nothing to recompute
+    c = P.kl_row_coef(grad_loss, topk_saved[-1], tau)  # [N]
+    return lambda cols, rows: F.topk_grad_tile(cols_k[rows], g[rows], cols.start, cols.stop - cols.start), c
 
 
 def _validate(hs, ws, ht, wt, targets, loss_mask, config, vocab_size, tp, behavior, old):

@@ -120,7 +120,8 @@ def _fused_grad_kernel(
     ht_ptr,  # [n, H_t] teacher hidden states (full_kl only), read-only
     wt_ptr,  # [w, H_t] teacher weight rows (full_kl only), read-only
     g_ptr,  # [n, w] gradient tile, written
-    lse_z_ptr, lse_u_ptr, kl_ptr,  # [n] fp32 global statistics (lse_u, kl: full_kl only)
+    max_z_ptr, lse_z_ptr,  # [n] fp32 global max of z / tau and log sum exp(z / tau - max)
+    max_u_ptr, lse_u_ptr, kl_ptr,  # [n] fp32 the same of u / tau, and K (full_kl only)
     coef_ptr,  # [n] fp32 per-token coefficient (incoming gradient, mask, 1 / tau folded in)
     tgt_ptr,  # [n] int64 target column inside the tile (sampled modes); any other value: none
     n_rows, width, ks_dim, kt_dim, stride_hs, stride_ws, stride_ht, stride_wt, stride_g,
@@ -138,19 +139,20 @@ def _fused_grad_kernel(
     z = _logit_block(hs_ptr, ws_ptr, r64, c64, row_ok, col_ok, ks_dim, stride_hs, stride_ws,
                      BLOCK_N, BLOCK_V, BLOCK_K, IEEE_S, WIDEN)
     z = _temper(z, tau, TEMPERED)  # [BN, BV] recomputed student logits
+    max_z = tl.load(max_z_ptr + rows, mask=row_ok, other=0.0)
     lse_z = tl.load(lse_z_ptr + rows, mask=row_ok, other=0.0)
     c = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
     if FULL_KL:
         u = _logit_block(ht_ptr, wt_ptr, r64, c64, row_ok, col_ok, kt_dim, stride_ht, stride_wt,
                          BLOCK_N, BLOCK_V, BLOCK_K, IEEE_T, WIDEN)
         u = _temper(u, tau, TEMPERED)  # [BN, BV] recomputed teacher logits
+        max_u = tl.load(max_u_ptr + rows, mask=row_ok, other=0.0)
         lse_u = tl.load(lse_u_ptr + rows, mask=row_ok, other=0.0)
         kl = tl.load(kl_ptr + rows, mask=row_ok, other=0.0)
-        zero = tl.zeros_like(lse_z)  # lse_z, lse_u are absolute here: maxima of 0
-        g = _full_kl_grad_values(z, u, real, zero, lse_z, zero, lse_u, kl, c)
+        g = _full_kl_grad_values(z, u, real, max_z, lse_z, max_u, lse_u, kl, c)
     else:
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-        g = _sampled_grad_values(z, real, tl.zeros_like(lse_z), lse_z, c, cols[None, :] == tgt[:, None])
+        g = _sampled_grad_values(z, real, max_z, lse_z, c, cols[None, :] == tgt[:, None])
     tl.store(g_ptr + r64[:, None] * stride_g + c64[None, :], g.to(g_ptr.dtype.element_ty), mask=real)
 
 
@@ -208,7 +210,9 @@ def fused_statistics(hs, ws, ht, wt, local_target, width, temperature, need_opt,
         F.combine_rows(parts, need_opt, out[:r0])
 
 
-def _grad_tile(hs, ws, ht, wt, cols, rows, lse_z, lse_u, kl, coef, tgt, temperature, full_kl):
+def _grad_tile(hs, ws, ht, wt, cols, rows, stats_rows, coef, tgt, temperature, full_kl):
+    """Launch the gradient kernel on one tile; stats_rows: (z_max, z_logsum) or, for
+    full_kl, (z_max, z_logsum, u_max, u_logsum, kl), each [N]."""
     h, w = _rows_contiguous(hs[rows]), _rows_contiguous(ws[cols])
     n, width = h.shape[0], w.shape[0]
     g = torch.empty(n, width, dtype=hs.dtype, device=hs.device)  # [n, w]
@@ -217,13 +221,10 @@ def _grad_tile(hs, ws, ht, wt, cols, rows, lse_z, lse_u, kl, coef, tgt, temperat
     h_t = _rows_contiguous(ht[rows]) if full_kl else h
     w_t = _rows_contiguous(wt[cols]) if full_kl else w
     bn, bv, bk, warps = _blocks(h)
-
-    def vec(t):
-        return t[rows].float().contiguous()
-
-    lse_z_r, coef_r = vec(lse_z), vec(coef)
+    vec = [t[rows].float().contiguous() for t in stats_rows]  # [n] each
+    vec += vec[:2] + vec[:1] if not full_kl else []  # unread stand-ins for u's rows and K
     _fused_grad_kernel[(triton.cdiv(n, bn), triton.cdiv(width, bv))](
-        h, w, h_t, w_t, g, lse_z_r, vec(lse_u) if full_kl else lse_z_r, vec(kl) if full_kl else lse_z_r, coef_r,
+        h, w, h_t, w_t, g, *vec, coef[rows].float().contiguous(),
         tgt, n, width, h.shape[1], h_t.shape[1], h.stride(0), w.stride(0), h_t.stride(0), w_t.stride(0),
         g.stride(0), float(temperature), TEMPERED=temperature != 1.0, FULL_KL=full_kl,
         IEEE_S=_ieee(h), IEEE_T=_ieee(h_t), WIDEN=not h.is_cuda, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps,
@@ -231,21 +232,22 @@ def _grad_tile(hs, ws, ht, wt, cols, rows, lse_z, lse_u, kl, coef, tgt, temperat
     return g
 
 
-def sampled_grad_tile(hs, ws, cols, rows, lse_z, coef, local_target, temperature) -> torch.Tensor:
+def sampled_grad_tile(hs, ws, cols, rows, z_norm, coef, local_target, temperature) -> torch.Tensor:
     """`coef (e_a - p)` of one tile `[n, w]` in hs's dtype, the student tile recomputed.
 
-    cols, rows: slices of the shard and the tokens; lse_z, coef: [N] fp32
-    (coef carries the incoming gradient and 1 / tau); local_target: [N] shard
+    cols, rows: slices of the shard and the tokens; z_norm: (z_max, z_logsum), [N]
+    fp32 each (p = exp((z - z_max) - z_logsum)); coef: [N] fp32 (carries the
+    incoming gradient and 1 / tau; rows with 0 get 0); local_target: [N] shard
     column of the target, -1 where not owned.
     """
     tgt = torch.where(local_target[rows] >= 0, local_target[rows] - cols.start, -1).contiguous()  # [n]
-    return _grad_tile(hs, ws, None, None, cols, rows, lse_z, None, None, coef, tgt, temperature, False)
+    return _grad_tile(hs, ws, None, None, cols, rows, z_norm, coef, tgt, temperature, False)
 
 
 def full_kl_grad_tile(hs, ws, ht, wt, cols, rows, stats_rows, coef, temperature) -> torch.Tensor:
     """`coef p (log p - log q - K)` of one tile `[n, w]` in hs's dtype, both tiles recomputed.
 
-    stats_rows: (lse_z, lse_u, kl), each [N] fp32; coef: [N] = incoming gradient * mask / tau.
+    stats_rows: (z_max, z_logsum, u_max, u_logsum, kl), each [N] fp32, the log-sums
+    relative to the maxima; coef: [N] = incoming gradient * mask / tau (rows with 0 get 0).
     """
-    lse_z, lse_u, kl = stats_rows
-    return _grad_tile(hs, ws, ht, wt, cols, rows, lse_z, lse_u, kl, coef, coef, temperature, True)  # no target
+    return _grad_tile(hs, ws, ht, wt, cols, rows, stats_rows, coef, coef, temperature, True)  # coef: no target
