@@ -407,6 +407,30 @@ def test_stage_with_tied_output_weights(gloo_pools, tp, pp, mode, bf16):
     assert results[-1][2] > 0, "the output weight got no gradient (the comparison would be vacuous)"
 
 
+def test_adapter_names_token_rows_in_batch_order():
+    # The adapter hands the loss its tokens in the hidden states' [s, b] order; a
+    # fault must still name token rows of the [b, s] labels (i * s + t), which
+    # training.faults.naming_rows maps to data rows. Sequence 0, position 2 is
+    # row 2 (not [s, b]'s row 4, which would name the second data row).
+    from vopd_megatron.errors import TrainingFault
+    from vopd_megatron.loss.per_token import NonFiniteLogitsError
+    from vopd_megatron.megatron.fused_output import OutputLayerInput
+    from vopd_megatron.megatron.loss_adapter import make_fused_loss_func
+    from vopd_megatron.training.faults import naming_rows
+
+    b, s, h, v = 2, 3, 8, 16
+    g = torch.Generator().manual_seed(0)
+    hs, ht, w = torch.randn(s, b, h, generator=g), torch.randn(s, b, h, generator=g), torch.randn(v, h, generator=g)
+    hs[2, 0] = float("nan")
+    loss_func = make_fused_loss_func(teacher=OutputLayerInput(ht, w), labels=torch.randint(0, v, (b, s), generator=g),
+                                     loss_mask=torch.ones(b, s), config=LossConfig(), vocab_size=v)
+    with pytest.raises(NonFiniteLogitsError, match=r"non-finite student logits .*token rows \[2\]") as info:
+        loss_func(OutputLayerInput(hs, w))
+    assert info.value.token_rows == [2]
+    with pytest.raises(TrainingFault, match=r"data row\(s\) a\.jsonl:1$"):
+        naming_rows(loss_func, ["a.jsonl:1", "a.jsonl:2"], s)(OutputLayerInput(hs, w))
+
+
 # --- compiled on a GPU (skipped without CUDA) --------------------------------------------------
 
 GPU_TOLERANCE = {  # as test_triton_kernels: tl.exp is the hardware approximation there

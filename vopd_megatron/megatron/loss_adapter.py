@@ -83,20 +83,28 @@ def fused_opd_loss_func(
         whose backward reduces their gradient, so the loss does not.
     labels, loss_mask (and log-probs): `[b, s]` as for `opd_loss_func`;
         transposed here to the hidden states' `[s, b]` order (cheaper than
-        transposing `[s, b, h]`).
+        transposing `[s, b, h]`). A NonFiniteLogitsError names its token rows
+        in the `[b, s]` order again (row `i * s + t`), as `opd_loss_func`'s
+        do, which training.faults.naming_rows maps to data rows.
     """
     from ..loss.fused_output import fused_output_opd_loss
+    from ..loss.per_token import NonFiniteLogitsError
 
     group = tp_group if tp_group is not None else tensor_parallel_group()
 
     def sb(t):
         return None if t is None else t.transpose(0, 1)
 
-    return fused_output_opd_loss(
-        student.hidden, student.weight, teacher.hidden, teacher.weight, sb(labels), sb(loss_mask), config,
-        vocab_size=vocab_size, group=group, behavior_logprobs=sb(behavior_logprobs),
-        old_logprobs=sb(old_logprobs), reduce_hidden_grad=False,
-    )
+    try:
+        return fused_output_opd_loss(
+            student.hidden, student.weight, teacher.hidden, teacher.weight, sb(labels), sb(loss_mask), config,
+            vocab_size=vocab_size, group=group, behavior_logprobs=sb(behavior_logprobs),
+            old_logprobs=sb(old_logprobs), reduce_hidden_grad=False,
+        )
+    except NonFiniteLogitsError as exc:
+        b, s = labels.shape[:2]
+        rows = sorted((r % b) * s + r // b for r in exc.token_rows)  # [s, b] flat -> [b, s] flat
+        raise NonFiniteLogitsError.found(exc.model, rows) from None
 
 
 def make_fused_loss_func(**kwargs):
