@@ -51,10 +51,27 @@ mean nothing, the run checks that the GPU code path works end to end).
 Megatron's CE subtracts the max from fp32 logits in place, so its rows get a
 fresh clone of the student logits per run, made outside the timed region.
 
+`--fused-output` measures something else: the output layers *and* the loss,
+from both models' hidden states `[N, H]` and output-weight shards `[V/tp, H]`
+(`--hidden`, `--teacher-hidden`), gradients wrt the student's hidden states
+and weight. Per mode, `logits path` forms both `[N, V/tp]` logit shards with
+one GEMM each and runs vocab_parallel_opd_loss (the teacher's logits are
+dropped after the forward, the student's kept by the loss, as in a training
+step; bf16 logits, not the fp32 copies Float16Module hands the loss in
+training, so its memory is the smaller of the two); `fused output` runs
+fused_output_opd_loss (docs/loss.md). Peak extra memory includes the
+returned gradients; the `- dW` column leaves out the weight gradient
+`[V/tp, H_s]`, which both paths produce and which training accumulates into
+Megatron's gradient buffer.
+
     python benchmarks/bench_loss.py                      # CPU: small shape, ~1 min
     python benchmarks/bench_loss.py --csv out.csv        # also write CSV
     python benchmarks/bench_loss.py --backends auto,torch --csv loss_h100.csv   # GPU: N=8192, V=128256, bf16
     torchrun --nproc-per-node 2 benchmarks/bench_loss.py # TP = 2 (optional)
+    python benchmarks/bench_loss.py --fused-output --tokens 2048 --vocab 32000 --hidden 128 \
+        --modes vopd,full_kl --backends torch --repeats 3   # CPU side by side
+    python benchmarks/bench_loss.py --fused-output --vocab 151936 --modes vopd,full_kl,vopd_topk \
+        --backends auto,torch --repeats 20 --warmup 3 --csv fused_v152k.csv   # GPU: N=8192, H=4096, bf16
 """
 from __future__ import annotations
 
@@ -75,6 +92,7 @@ from vopd_megatron.loss import LOSS_MODES, TOPK_MODES, LossConfig, vocab_paralle
 from vopd_megatron.loss.backend import interpreter_on
 from vopd_megatron.model.builder import te_available
 from vopd_megatron.net import free_local_port
+from vopd_megatron.testing.memory import cpu_peak_bytes
 
 #: Peak HBM bandwidth in GB/s by device-name substring, for the "% of peak" column.
 PEAK_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
@@ -122,6 +140,11 @@ def parse_args():
     p.add_argument("--no-cpu-compat", action="store_true",
                    help="on CPU, skip vopd_megatron.megatron.cpu_compat.enable()")
     p.add_argument("--csv", help="also write the table to this CSV file")
+    p.add_argument("--fused-output", action="store_true",
+                   help="instead: rows of the output layers + loss from hidden states, the logits path "
+                        "(GEMMs to [N, V/tp] logits, then the loss) next to the fused output loss")
+    p.add_argument("--hidden", type=int, help="--fused-output: student hidden size (default 4096 on GPU, 256 on CPU)")
+    p.add_argument("--teacher-hidden", type=int, help="--fused-output: teacher hidden size (default: --hidden)")
     return p.parse_args()
 
 
@@ -221,6 +244,112 @@ def build_rows(inp: Inputs, tp_group, modes, top_k, backends=("auto",)) -> list[
     return rows + [opd_row(inp, mode, top_k, backend) for backend in backends for mode in modes]
 
 
+# --- output layers + loss from hidden states (--fused-output) ------------------------------
+
+
+@dataclass
+class LayerInputs:
+    """One rank's final hidden states and output-layer shards of both models."""
+
+    hs: torch.Tensor  # [N, H_s] student hidden states
+    ws: torch.Tensor  # [V/tp, H_s] student output-layer shard
+    ht: torch.Tensor  # [N, H_t] teacher hidden states
+    wt: torch.Tensor  # [V/tp, H_t] teacher output-layer shard
+    targets: torch.Tensor  # [N]
+    mask: torch.Tensor  # [N]
+    vocab_size: int
+    group: dist.ProcessGroup | None
+
+
+def make_layer_inputs(n, vocab, hidden, teacher_hidden, dtype, device, group) -> LayerInputs:
+    """Random hidden states and weights whose logits have std about 4, as make_inputs'."""
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    if vocab % tp:
+        raise SystemExit(f"--vocab {vocab} must be divisible by the TP size {tp}")
+    gen = torch.Generator(device=device).manual_seed(99)  # hidden states: the same on every rank
+    hs = torch.randn(n, hidden, device=device, generator=gen)  # [N, H_s]
+    ht = torch.randn(n, teacher_hidden, device=device, generator=gen)  # [N, H_t]
+    gen.manual_seed(4321 + rank)  # each rank its own vocabulary rows
+    ws = torch.randn(vocab // tp, hidden, device=device, generator=gen) * (4.0 / hidden**0.5)
+    wt = torch.randn(vocab // tp, teacher_hidden, device=device, generator=gen) * (4.0 / teacher_hidden**0.5)
+    targets = torch.randint(0, vocab, (n,), device=device, generator=gen.manual_seed(0))  # [N], same everywhere
+    mask = (torch.arange(n, device=device) % 8 != 0).float()  # [N] 1/8 prompt tokens
+    return LayerInputs(hs.to(dtype), ws.to(dtype), ht.to(dtype), wt.to(dtype), targets, mask, vocab,
+                       group if tp > 1 else None)
+
+
+def layer_rows(inp: LayerInputs, modes, top_k, backends) -> list[Row]:
+    """Per mode and backend: `<mode>: logits path` (the output layers' GEMMs to
+    `[N, V/tp]` logits, then vocab_parallel_opd_loss) and `<mode>: fused output`
+    (fused_output_opd_loss). Both return the gradients wrt h_s (TP-reduced) and W_s."""
+    from vopd_megatron.loss.fused_output import fused_output_opd_loss
+
+    def leaves():
+        return inp.hs.detach().requires_grad_(), inp.ws.detach().requires_grad_()
+
+    def finish(loss_sum, num_tokens, hs, ws, reduce):
+        dh, dw = torch.autograd.grad(loss_sum / num_tokens, (hs, ws))
+        if reduce and inp.group is not None:  # Megatron's TP copy of the hidden states, in backward
+            dist.all_reduce(dh, group=inp.group)
+        return dh, dw
+
+    rows = []
+    for backend in backends:
+        for mode in modes:
+            config = LossConfig(mode=mode, top_k=top_k if mode in TOPK_MODES else None, backend=backend)
+            kw = dict(vocab_size=inp.vocab_size, group=inp.group)
+
+            def logits_path(x, config=config, kw=kw):
+                hs, ws = x
+                z = hs @ ws.t()  # [N, V/tp] student logits
+                with torch.no_grad():
+                    u = inp.ht @ inp.wt.t()  # [N, V/tp] teacher logits
+                loss_sum, num_tokens, _ = vocab_parallel_opd_loss(z, u, inp.targets, inp.mask, config, **kw)
+                del z, u  # the loss keeps what its backward needs
+                return finish(loss_sum, num_tokens, hs, ws, reduce=True)
+
+            def fused(x, config=config, kw=kw):
+                hs, ws = x
+                loss_sum, num_tokens, _ = fused_output_opd_loss(hs, ws, inp.ht, inp.wt, inp.targets, inp.mask,
+                                                                config, **kw)
+                return finish(loss_sum, num_tokens, hs, ws, reduce=False)  # reduced inside
+
+            name = f"{mode} (k={top_k})" if mode in TOPK_MODES else mode
+            name += f" [{backend}]" if backend != "auto" else ""
+            rows += [Row(f"{name}: logits path", leaves, logits_path, passes=4),
+                     Row(f"{name}: fused output", leaves, fused, passes=4)]
+    return rows
+
+
+def print_layer_table(results, header: str, inp: LayerInputs) -> None:
+    """Each fused row next to its logits-path row: time, peak extra memory, and
+    peak extra memory without the weight gradient `dW [V/tp, H_s]`, which both
+    return and which training accumulates into Megatron's gradient buffer."""
+    dw_mib = inp.ws.numel() * inp.ws.element_size() / MIB
+    by_name = {r["name"]: r for r in results}
+    print(header + f"H_s={inp.hs.shape[1]} H_t={inp.ht.shape[1]}; dW = {dw_mib:.1f} MiB; "
+          f"one [N, V/tp] logit shard = {inp.hs.shape[0] * inp.ws.shape[0] * inp.hs.element_size() / MIB:.1f} MiB\n")
+    cols = ["name", "time ms", "x logits time", "peak extra MiB", "x logits mem", "peak extra - dW MiB",
+            "x logits mem (- dW)"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join(" --- " for _ in cols) + "|")
+    for r in results:
+        base = by_name[r["name"].replace(": fused output", ": logits path")]
+        r["mb_no_dw"] = None if r["error"] else r["mb"] - dw_mib
+        if r["error"] or base["error"]:
+            r.update(x_logits_time="-", x_logits_mem="-", x_logits_mem_no_dw="-")
+        else:
+            r["x_logits_time"] = ratio(r["ms"], base["ms"])
+            r["x_logits_mem"] = ratio(r["mb"], base["mb"], floor=1e-3)
+            r["x_logits_mem_no_dw"] = ratio(r["mb_no_dw"], base["mb"] - dw_mib, floor=1e-3)
+        if r["error"]:
+            cells = [r["name"], f"n/a ({r['error']})"] + [""] * (len(cols) - 2)
+        else:
+            cells = [r["name"], f"{r['ms']:.2f}", r["x_logits_time"], f"{r['mb']:.1f}", r["x_logits_mem"],
+                     f"{r['mb_no_dw']:.1f}", r["x_logits_mem_no_dw"]]
+        print("| " + " | ".join(cells) + " |")
+
+
 # --- measurement -------------------------------------------------------------------
 
 
@@ -271,26 +400,6 @@ def peak_extra_bytes(row: Row, device) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
     return cpu_peak_bytes(lambda: row.step(x))
-
-
-def cpu_peak_bytes(fn) -> int:
-    """Peak of the running sum of CPU allocator events recorded while `fn` runs."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        stack.extend(e.children)
-        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
-    level = peak = 0
-    for _, size in sorted(events):
-        level += size
-        peak = max(peak, level)
-    return peak
 
 
 def short_reason(exc: BaseException) -> str:
@@ -370,9 +479,13 @@ def print_table(results, header: str, with_floor: bool) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def write_csv(path, results, meta: dict) -> None:
-    fields = list(meta) + ["name", "ms", "mb", "passes", "x_ce_time", "x_fused_time", "x_ce_mem", "x_fused_mem",
-                           "floor_gbs", "pct_peak", "x_floor", "error"]
+CSV_FIELDS = ["name", "ms", "mb", "passes", "x_ce_time", "x_fused_time", "x_ce_mem", "x_fused_mem",
+              "floor_gbs", "pct_peak", "x_floor", "error"]
+LAYER_CSV_FIELDS = ["name", "ms", "mb", "mb_no_dw", "x_logits_time", "x_logits_mem", "x_logits_mem_no_dw", "error"]
+
+
+def write_csv(path, results, meta: dict, fields=CSV_FIELDS) -> None:
+    fields = list(meta) + fields
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -380,13 +493,13 @@ def write_csv(path, results, meta: dict) -> None:
             writer.writerow({**meta, **r})
 
 
-def header_line(args, inp: Inputs, device, tp, compat, peak=None) -> str:
+def header_line(args, width: int, device, tp, compat, peak=None) -> str:
     from importlib.metadata import version
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     memory = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
               else "CPU allocator events from torch.profiler(profile_memory=True)")
-    return (f"N={args.tokens} V={args.vocab} (V/tp={inp.z.shape[-1]}, tp={tp}) {args.dtype} on {where}; "
+    return (f"N={args.tokens} V={args.vocab} (V/tp={width}, tp={tp}) {args.dtype} on {where}; "
             f"median of {args.repeats} after {args.warmup} warm-up; fwd+bwd; "
             f"peak extra memory: {memory}; torch {torch.__version__}, "
             f"megatron-core {version('megatron-core')}; cpu_compat: {compat}; loss backends: {args.backends}"
@@ -412,20 +525,40 @@ def main():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     tp_group = init_distributed(device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    backends = [b for b in args.backends.split(",") if b]
+    if args.fused_output:
+        return main_fused_output(args, device, tp_group, dtype, modes, backends, compat)
     inp = make_inputs(args.tokens, args.vocab, dtype, device, tp_group)
 
-    backends = [b for b in args.backends.split(",") if b]
     results = measure(build_rows(inp, tp_group, modes, args.top_k, backends), args, device)
     peak = args.peak_gbs or known_peak_gbs(device)
     add_derived(results, inp, peak)
     tp = dist.get_world_size(tp_group)
     if dist.get_rank() == 0:
-        print_table(results, header_line(args, inp, device, tp, compat, peak), peak is not None)
+        print_table(results, header_line(args, inp.z.shape[-1], device, tp, compat, peak), peak is not None)
         if args.csv:
             meta = {"tokens": args.tokens, "vocab": args.vocab, "tp": tp, "dtype": args.dtype,
                     "device": torch.cuda.get_device_name() if gpu else "cpu", "top_k": args.top_k,
                     "peak_gbs": peak}
             write_csv(args.csv, results, meta)
+    dist.destroy_process_group()
+
+
+def main_fused_output(args, device, tp_group, dtype, modes, backends, compat):
+    """--fused-output: the output layers + loss table (and CSV)."""
+    gpu = device.type == "cuda"
+    args.hidden = args.hidden or (4096 if gpu else 256)
+    args.teacher_hidden = args.teacher_hidden or args.hidden
+    inp = make_layer_inputs(args.tokens, args.vocab, args.hidden, args.teacher_hidden, dtype, device, tp_group)
+    results = measure(layer_rows(inp, modes, args.top_k, backends), args, device)
+    tp = dist.get_world_size(tp_group)
+    if dist.get_rank() == 0:
+        print_layer_table(results, header_line(args, inp.ws.shape[0], device, tp, compat), inp)
+        if args.csv:
+            meta = {"tokens": args.tokens, "vocab": args.vocab, "tp": tp, "dtype": args.dtype,
+                    "hidden": args.hidden, "teacher_hidden": args.teacher_hidden,
+                    "device": torch.cuda.get_device_name() if gpu else "cpu", "top_k": args.top_k}
+            write_csv(args.csv, results, meta, LAYER_CSV_FIELDS)
     dist.destroy_process_group()
 
 

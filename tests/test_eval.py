@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ, TAU = 250, 24, 0.7
 
 
-def _run_config(tp):
+def _run_config(tp, fused_output=False):
     student = ModelArgs(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=VOCAB, seq_length=SEQ,
                         untie_embeddings_and_output_weights=True)
     teacher = ModelArgs(num_layers=3, hidden_size=96, num_attention_heads=4, ffn_hidden_size=320,
@@ -29,7 +29,7 @@ def _run_config(tp):
     return RunConfig(model=student, teacher=teacher,
                      parallel=ParallelArgs(tensor_model_parallel_size=tp),
                      train=TrainArgs(micro_batch_size=2, global_batch_size=4, seed=5),
-                     distill=DistillArgs(vopd_temperature=TAU),
+                     distill=DistillArgs(vopd_temperature=TAU, vopd_fused_output=fused_output),
                      eval=EvalArgs(eval_samples=3, eval_max_new_tokens=7, eval_temperature=1.0))
 
 
@@ -46,14 +46,14 @@ def _gathered_logits(module, tokens):
     return torch.cat(pieces, dim=-1)
 
 
-def _eval_case(tp):
+def _eval_case(tp, fused_output=False):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
     from vopd_megatron.eval import Evaluator, eval_sampling_config
     from vopd_megatron.training.setup import build_models, initialize_parallel
 
-    run = _run_config(tp)
+    run = _run_config(tp, fused_output)
     initialize_parallel(run)
     try:
         models = build_models(run)
@@ -93,9 +93,11 @@ def _eval_case(tp):
         ps.destroy_model_parallel()
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_eval_reverse_kl_matches_reference(gloo_pools, tp):
-    out = gloo_pools(2).run(_eval_case, tp)
+@pytest.mark.parametrize("tp,fused_output", [(1, False), (2, False), (2, True)],
+                         ids=["tp1", "tp2", "tp2-fused-output"])
+def test_eval_reverse_kl_matches_reference(gloo_pools, tp, fused_output):
+    # fused_output: the evaluator's reverse-KL pass with --vopd-fused-output (no logits on the last stage).
+    out = gloo_pools(2).run(_eval_case, tp, fused_output)
     for metrics, ref, mean_len in out:
         assert metrics["eval/reverse_kl"] > 0
         assert metrics["eval/reverse_kl"] == pytest.approx(ref, rel=1e-5, abs=1e-7)

@@ -94,7 +94,12 @@ def _load(module, ckpt_dir):
 
 
 def layout_gradients(tp, pp, student_dir, teacher_dir, grad_dir, mode, **teacher):
-    """One layout: load the weights, run the schedule, save grads as weights."""
+    """One layout: load the weights, run the schedule, save grads as weights.
+
+    The same step then runs again with the output layers fused into the loss
+    (--vopd-fused-output); returns this rank's largest difference between the
+    two finalized gradients, parameter by parameter (the saved ones are the
+    logits path's, which the caller compares with the reference)."""
     from megatron.core import dist_checkpointing
 
     from vopd_megatron.training.step import forward_backward, wire_megatron_hooks
@@ -105,13 +110,18 @@ def layout_gradients(tp, pp, student_dir, teacher_dir, grad_dir, mode, **teacher
         _load(models.student[0], student_dir)
         _load(models.teacher, teacher_dir)
         wire_megatron_hooks(models, run)
-        forward_backward(models, my_microbatches(run, dist.get_world_size()), run,
-                         LossConfig(mode=mode, top_k=5))
+        microbatches = my_microbatches(run, dist.get_world_size())
+        forward_backward(models, microbatches, run, LossConfig(mode=mode, top_k=5))
         student = _unwrap(models.student[0])
+        logits_path = {n: p.main_grad.detach().clone() for n, p in student.named_parameters()}
+        models.stages[0].fused_output = True
+        forward_backward(models, microbatches, run, LossConfig(mode=mode, top_k=5))
+        fused_diff = max(float((p.main_grad - logits_path[n]).abs().max()) for n, p in student.named_parameters())
         with torch.no_grad():
-            for p in student.parameters():
-                p.copy_(p.main_grad)
+            for n, p in student.named_parameters():
+                p.copy_(logits_path[n])
         dist_checkpointing.save(student.sharded_state_dict(), grad_dir)  # collective: every rank
+        return fused_diff
     finally:
         _teardown()
 
@@ -168,8 +178,10 @@ def check_layouts(gloo_pools, tmp_path, mode, layouts, **teacher):
     for world, tp, pp in layouts:
         grad_dir = tmp_path / f"grad_w{world}_tp{tp}_pp{pp}"
         grad_dir.mkdir()
-        gloo_pools(world).run(layout_gradients, tp, pp, str(student_dir), str(teacher_dir), str(grad_dir),
-                              mode, **teacher)
+        fused_diffs = gloo_pools(world).run(layout_gradients, tp, pp, str(student_dir), str(teacher_dir),
+                                            str(grad_dir), mode, **teacher)
+        # --vopd-fused-output: the same finalized gradients as the logits path, on every rank.
+        assert max(fused_diffs) / scale < 2e-5, f"TP{tp} PP{pp} world {world}: fused output differs by {fused_diffs}"
         got = one.run(read_full, str(grad_dir))[0]
         assert got.keys() == ref.keys()
         for name, g in ref.items():

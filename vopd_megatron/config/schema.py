@@ -185,6 +185,11 @@ class DistillArgs:
     vopd_loss_backend: str = "auto"
     """Loss kernels: "auto" (fused Triton kernels on CUDA when triton imports, else
     PyTorch), "torch" or "triton" (docs/performance.md)."""
+    vopd_fused_output: bool = False
+    """Fuse both models' output layers into the loss: the last stage never holds
+    the [s*b, V/tp] logits; vocabulary tiles of them are formed from the final
+    hidden states and output weights on the fly, and the student's are recomputed
+    in backward (docs/loss.md). Same values and gradients, one more GEMM."""
     teacher_fp8: bool = False
     """Run the teacher's transformer layers in FP8 through Transformer Engine
     (e4m3, tensorwise recipe, TE layer spec); the student and both models' logits
@@ -364,6 +369,11 @@ class RunConfig:
             problems = fp8_runtime_problems()
             if problems:
                 raise ConfigError("--teacher-fp8 cannot run here: " + "; ".join(problems))
+        if self.distill.vopd_fused_output:
+            from ..megatron.fused_output import output_processor_supported
+
+            if not output_processor_supported():
+                raise ConfigError("--vopd-fused-output needs megatron-core >= 0.19 (GPTModel's output_processor hook)")
         return self
 
 

@@ -52,6 +52,61 @@ def _temper(x, tau, TEMPERED: tl.constexpr):
 
 
 @triton.jit
+def _online_update(z, u, ok, m_z, m_u, s_z, s_u, dif, s_2, dif2, NEED_OPT: tl.constexpr):
+    """Fold one tile of tempered logits into the running per-row statistics.
+
+    z, u: [BN, BV] fp32 tempered logits; ok: [BN, BV] real lanes (others are
+    ignored whatever they hold). The running state, all [BN] fp32: maxima
+    m_z, m_u (-inf before any column), sum-exps s_z, s_u, the KL accumulator
+    dif = sum e d and, with NEED_OPT, s_2 = sum e^2, dif2 = sum e^2 d, all
+    relative to the running maxima. Returns the updated state in that order.
+    Shared by the logits kernel below and the fused output-layer kernel
+    (fused_output_triton.py), so the two cannot drift apart.
+    """
+    ninf = float("-inf")
+    mz_new = tl.maximum(m_z, tl.max(tl.where(ok, z, ninf), axis=1))  # [BN]
+    mu_new = tl.maximum(m_u, tl.max(tl.where(ok, u, ninf), axis=1))  # [BN]
+    # Finite stand-ins keep masked lanes and empty rows free of inf - inf.
+    mz = tl.where(mz_new > ninf, mz_new, 0.0)  # [BN]
+    mu = tl.where(mu_new > ninf, mu_new, 0.0)  # [BN]
+    alpha = tl.exp(m_z - mz)  # [BN] rescale of the old e; 0 while m_z = -inf
+    beta = tl.exp(m_u - mu)  # [BN]
+    # The old d's were relative to (m_z, m_u): re-base them onto the new maxima.
+    seen = s_z > 0
+    shift = (tl.where(seen, m_z, mz) - mz) - (tl.where(seen, m_u, mu) - mu)  # [BN], 0 before any column
+    zc = tl.where(ok, z, mz[:, None]) - mz[:, None]  # [BN, BV] z - max_z, 0 on masked lanes
+    uc = tl.where(ok, u, mu[:, None]) - mu[:, None]  # [BN, BV] u - max_u
+    e = tl.where(ok, tl.exp(zc), 0.0)  # [BN, BV]
+    d = zc - uc  # [BN, BV], 0 on masked lanes
+    dif = alpha * (dif + s_z * shift) + tl.sum(e * d, axis=1)
+    s_z = alpha * s_z + tl.sum(e, axis=1)
+    s_u = beta * s_u + tl.sum(tl.where(ok, tl.exp(uc), 0.0), axis=1)
+    if NEED_OPT:
+        a2 = alpha * alpha
+        e2 = e * e
+        dif2 = a2 * (dif2 + s_2 * shift) + tl.sum(e2 * d, axis=1)
+        s_2 = a2 * s_2 + tl.sum(e2, axis=1)
+    return mz_new, mu_new, s_z, s_u, dif, s_2, dif2
+
+
+@triton.jit
+def _store_statistics(out_ptr, rows, row_ok, stride_out, m_z, m_u, s_z, s_u, dif, z_a, u_a, s_2, dif2,
+                      NEED_OPT: tl.constexpr):
+    """Write the scalar rows Z_MAX .. U_TARGET (.. Z_DIFF2) of stats.py for a block of rows."""
+    base = out_ptr + rows
+    tl.store(base + 0 * stride_out, m_z, mask=row_ok)  # Z_MAX
+    tl.store(base + 1 * stride_out, m_u, mask=row_ok)  # U_MAX
+    tl.store(base + 2 * stride_out, s_z, mask=row_ok)  # Z_SUM
+    tl.store(base + 3 * stride_out, s_u, mask=row_ok)  # U_SUM
+    tl.store(base + 4 * stride_out, dif, mask=row_ok)  # Z_DIFF
+    tl.store(base + 5 * stride_out, z_a, mask=row_ok)  # Z_TARGET
+    tl.store(base + 6 * stride_out, u_a, mask=row_ok)  # U_TARGET
+    if NEED_OPT:
+        tl.store(base + 7 * stride_out, s_2, mask=row_ok)  # Z_SUM2
+        tl.store(base + 8 * stride_out, dif2, mask=row_ok)  # Z_DIFF2
+
+
+@triton.jit
 def _stats_kernel(
     z_ptr,  # [N, P] student logits (any float dtype), read-only
     u_ptr,  # [N, P] teacher logits, read-only
@@ -79,30 +134,7 @@ def _stats_kernel(
         u = tl.load(u_ptr + r64[:, None] * stride_u + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         z = _temper(z, tau, TEMPERED)  # [BN, BV]; masked lanes hold 0 and are excluded below
         u = _temper(u, tau, TEMPERED)  # [BN, BV]
-        mz_new = tl.maximum(m_z, tl.max(tl.where(ok, z, ninf), axis=1))  # [BN]
-        mu_new = tl.maximum(m_u, tl.max(tl.where(ok, u, ninf), axis=1))  # [BN]
-        # Finite stand-ins keep masked lanes and empty rows free of inf - inf.
-        mz = tl.where(mz_new > ninf, mz_new, 0.0)  # [BN]
-        mu = tl.where(mu_new > ninf, mu_new, 0.0)  # [BN]
-        alpha = tl.exp(m_z - mz)  # [BN] rescale of the old e; 0 while m_z = -inf
-        beta = tl.exp(m_u - mu)  # [BN]
-        # The old d's were relative to (m_z, m_u): re-base them onto the new maxima.
-        seen = s_z > 0
-        shift = (tl.where(seen, m_z, mz) - mz) - (tl.where(seen, m_u, mu) - mu)  # [BN], 0 before any column
-        zc = tl.where(ok, z, mz[:, None]) - mz[:, None]  # [BN, BV] z - max_z, 0 on masked lanes
-        uc = tl.where(ok, u, mu[:, None]) - mu[:, None]  # [BN, BV] u - max_u
-        e = tl.where(ok, tl.exp(zc), 0.0)  # [BN, BV]
-        d = zc - uc  # [BN, BV], 0 on masked lanes
-        dif = alpha * (dif + s_z * shift) + tl.sum(e * d, axis=1)
-        s_z = alpha * s_z + tl.sum(e, axis=1)
-        s_u = beta * s_u + tl.sum(tl.where(ok, tl.exp(uc), 0.0), axis=1)
-        if NEED_OPT:
-            a2 = alpha * alpha
-            e2 = e * e
-            dif2 = a2 * (dif2 + s_2 * shift) + tl.sum(e2 * d, axis=1)
-            s_2 = a2 * s_2 + tl.sum(e2, axis=1)
-        m_z = mz_new
-        m_u = mu_new
+        m_z, m_u, s_z, s_u, dif, s_2, dif2 = _online_update(z, u, ok, m_z, m_u, s_z, s_u, dif, s_2, dif2, NEED_OPT)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)  # [BN]
     owned = row_ok & (tgt >= 0) & (tgt < width)
     t_col = tl.where(owned, tgt, 0)
@@ -110,17 +142,37 @@ def _stats_kernel(
     u_a = tl.load(u_ptr + r64 * stride_u + t_col, mask=owned, other=0.0).to(tl.float32)
     z_a = _temper(z_a, tau, TEMPERED)
     u_a = _temper(u_a, tau, TEMPERED)
-    base = out_ptr + rows
-    tl.store(base + 0 * stride_out, m_z, mask=row_ok)  # Z_MAX
-    tl.store(base + 1 * stride_out, m_u, mask=row_ok)  # U_MAX
-    tl.store(base + 2 * stride_out, s_z, mask=row_ok)  # Z_SUM
-    tl.store(base + 3 * stride_out, s_u, mask=row_ok)  # U_SUM
-    tl.store(base + 4 * stride_out, dif, mask=row_ok)  # Z_DIFF
-    tl.store(base + 5 * stride_out, tl.where(owned, z_a, 0.0), mask=row_ok)  # Z_TARGET
-    tl.store(base + 6 * stride_out, tl.where(owned, u_a, 0.0), mask=row_ok)  # U_TARGET
-    if NEED_OPT:
-        tl.store(base + 7 * stride_out, s_2, mask=row_ok)  # Z_SUM2
-        tl.store(base + 8 * stride_out, dif2, mask=row_ok)  # Z_DIFF2
+    _store_statistics(out_ptr, rows, row_ok, stride_out, m_z, m_u, s_z, s_u, dif,
+                      tl.where(owned, z_a, 0.0), tl.where(owned, u_a, 0.0), s_2, dif2, NEED_OPT)
+
+
+@triton.jit
+def _sampled_grad_values(zt, real, zmax, lse, c, is_target):
+    """c_t (e_a - p) on real lanes of live rows, exact 0 elsewhere: the sampled-mode logit gradient.
+
+    zt: [BN, BV] fp32 tempered logits; real: [BN, BV] lanes of real columns;
+    zmax, lse, c: [BN] global max of zt, log sum exp(zt - zmax) and coefficient;
+    is_target: [BN, BV] bool. p = exp((zt - zmax) - lse) is exact at any logit
+    magnitude, where zt - (zmax + lse) is not. A row with c = 0 (a masked
+    token) gets 0 even where its logits are not finite.
+    Shared with the fused output-layer kernel (fused_output_triton.py).
+    """
+    p = tl.exp(tl.where(real, (zt - zmax[:, None]) - lse[:, None], float("-inf")))  # [BN, BV], 0 on padding
+    return tl.where(real & (c[:, None] != 0), c[:, None] * (is_target.to(tl.float32) - p), 0.0)
+
+
+@triton.jit
+def _full_kl_grad_values(zt, ut, real, max_z, lse_z, max_u, lse_u, kl, c):
+    """c_t p (log p - log q - K) on real lanes of live rows, exact 0 elsewhere: the full_kl logit gradient.
+
+    zt, ut: [BN, BV] fp32 tempered logits; max_z, lse_z, max_u, lse_u, kl, c: [BN],
+    each lse relative to its max (log p = (zt - max_z) - lse_z, exact at any
+    magnitude). Masked lanes take log p = log q = 0, so no inf reaches the
+    arithmetic; a row with c = 0 (a masked token) gets 0 whatever its logits.
+    """
+    logp = tl.where(real, (zt - max_z[:, None]) - lse_z[:, None], 0.0)  # [BN, BV]
+    r = logp - tl.where(real, (ut - max_u[:, None]) - lse_u[:, None], 0.0)  # [BN, BV] log p - log q
+    return tl.where(real & (c[:, None] != 0), c[:, None] * tl.exp(logp) * (r - kl[:, None]), 0.0)
 
 
 @triton.jit
@@ -135,7 +187,6 @@ def _sampled_grad_kernel(
     tau,
     TEMPERED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    ninf = float("-inf")
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # [BV]
     row_ok = rows < n_rows
@@ -146,11 +197,8 @@ def _sampled_grad_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     c = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-    # (z - max) - lse: exact at any logit magnitude, where z - (max + lse) is not.
-    p = tl.exp(tl.where(real, (_temper(z, tau, TEMPERED) - zmax[:, None]) - lse[:, None], ninf))  # [BN, BV]
-    onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)  # tgt < width, so never a padded column
-    # c = 0 (a masked token) writes 0 even where its logits are not finite.
-    g = tl.where(real & (c[:, None] != 0), c[:, None] * (onehot - p), 0.0)
+    # tgt < width, so the target is never a padded column.
+    g = _sampled_grad_values(_temper(z, tau, TEMPERED), real, zmax, lse, c, cols[None, :] == tgt[:, None])
     out = row_ok[:, None] & (cols < part)[None, :]
     tl.store(dz_ptr + r64[:, None] * stride_dz + cols[None, :], g.to(dz_ptr.dtype.element_ty), mask=out)
 
@@ -179,12 +227,8 @@ def _full_kl_grad_kernel(
     lse_u = tl.load(lse_u_ptr + rows, mask=row_ok, other=0.0)
     kl = tl.load(kl_ptr + rows, mask=row_ok, other=0.0)
     c = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-    # Masked lanes take log p = log q = 0, so no inf reaches the arithmetic.
-    logp = tl.where(real, (_temper(z, tau, TEMPERED) - max_z[:, None]) - lse_z[:, None], 0.0)  # [BN, BV]
-    logq = tl.where(real, (_temper(u, tau, TEMPERED) - max_u[:, None]) - lse_u[:, None], 0.0)  # [BN, BV]
-    r = logp - logq  # [BN, BV] log p - log q
-    # c = 0 (a masked token) writes 0 even where its logits are not finite.
-    g = tl.where(real & (c[:, None] != 0), c[:, None] * tl.exp(logp) * (r - kl[:, None]), 0.0)
+    g = _full_kl_grad_values(_temper(z, tau, TEMPERED), _temper(u, tau, TEMPERED), real, max_z, lse_z, max_u, lse_u,
+                             kl, c)
     out = row_ok[:, None] & (cols < part)[None, :]
     tl.store(g_ptr + r64[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=out)
 

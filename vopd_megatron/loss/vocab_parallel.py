@@ -30,16 +30,20 @@ fused Triton kernels of triton_kernels.py (`LossConfig.backend`; "auto" picks
 Triton for CUDA tensors). Both fill the same statistics rows and use the same
 combine, per-token formulas and saved tensors, so the memory properties
 above hold for both; the kernels need no fp32 chunk temporaries at all.
+Everything after the all-gather (combine, finiteness check, baselines,
+per-token losses and coefficients, the top-k gradient) is per_token.py's,
+shared with the fused output-layer loss (fused_output.py).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from ..errors import UserError
+from . import per_token as P
 from . import stats as S
 from .backend import use_triton
 from .config import LossConfig
+from .per_token import NonFiniteLogitsError, masked  # noqa: F401 (re-exported: their home before per_token.py)
 
 #: Rows per chunk are chosen so one fp32 temporary holds about this many elements.
 CHUNK_ELEMENTS = 1 << 24
@@ -69,46 +73,6 @@ def _row_chunks(n: int, width: int, chunk_elements: int):
     step = max(1, chunk_elements // max(1, width))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
-
-
-def _sampled_coefficients(cfg, st, baseline, mask, behavior, old):
-    """Per-token loss value and its derivative wrt log p(a), for sampled modes.
-
-    Mirrors reference.reference_token_terms with the derivative written out.
-    Returns (token_loss, coef, weight, clipped, mask), all [N] fp32.
-    """
-    cost = st.logp - st.logq - baseline  # r_t - b_t
-    weight, clipped = _rollout_weight(cfg, st.logp, behavior, old), None
-    if cfg.rollout_correction == "mask":
-        mask = mask * weight
-    if cfg.ppo_clip is not None:
-        ratio = torch.exp(st.logp - old)
-        clipped_ratio = ratio.clamp(1.0 - cfg.ppo_clip, 1.0 + cfg.ppo_clip)
-        loss = torch.maximum(ratio * cost, clipped_ratio * cost)
-        clipped = (clipped_ratio * cost > ratio * cost).to(cost.dtype)
-        coef = cost * ratio * (1.0 - clipped)  # d loss / d log p(a)
-    else:
-        loss, coef = cost * st.logp, cost
-    if cfg.rollout_correction == "truncate":
-        loss, coef = loss * weight, coef * weight
-    return masked(loss, mask), masked(coef, mask), weight, clipped, mask
-
-
-def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """values * mask, exactly 0 where the mask is 0 (a non-finite masked token
-    must not turn the sum into NaN, as `values * 0` would)."""
-    return torch.where(mask != 0, values * mask, 0.0)
-
-
-def _rollout_weight(cfg, logp, behavior, old):
-    """Truncated IS weight min(p/mu, C), or the keep flag (ratio <= C); None if off."""
-    if cfg.rollout_correction is None:
-        return None
-    proximal = logp if old is None else old
-    ratio_mu = torch.exp(proximal - behavior)
-    if cfg.rollout_correction == "truncate":
-        return ratio_mu.clamp(max=cfg.rollout_correction_cap)
-    return (ratio_mu <= cfg.rollout_correction_cap).to(ratio_mu.dtype)
 
 
 class VocabParallelOPDLoss(torch.autograd.Function):
@@ -155,54 +119,31 @@ class VocabParallelOPDLoss(torch.autograd.Function):
                     None if cols is None else cols[rows],
                 )
         gathered = all_gather_stats(local, group, size)  # [tp, R, N]
-        st = S.combine_statistics(gathered, need_opt)
-        topk = S.combine_topk(gathered, k, k) if k else None
-        # Rows whose gradient must be zeroed explicitly: masked tokens with
-        # non-finite logits (0 * NaN is NaN). Unknown without the check: all masked rows.
-        zero_masked = _check_finite(st, mask) if cfg.check_inputs else True
-        baseline = {
-            "opd": torch.zeros_like(st.kl),
-            "vopd_topk": topk.kl if topk is not None else None,
-            "vopd_opt": S.optimal_baseline_from_stats(st.kl, st.s2, st.p2_dev, cfg.baseline_eps(st.kl.dtype))
-            if need_opt else None,
-        }.get(cfg.mode, st.kl)
+        terms = P.mode_terms(cfg, gathered, local, mask, behavior, old, rank=rank, k=k, width=width,
+                             local_target=local_target, owned=owned)
 
         ctx.cfg, ctx.width, ctx.part, ctx.chunk_elements = cfg, width, part, chunk_elements
-        ctx.z_dtype, ctx.consumed, ctx.fused, ctx.zero_masked = z.dtype, False, fused, zero_masked
-        weight = clipped = None
+        ctx.z_dtype, ctx.consumed, ctx.fused, ctx.zero_masked = z.dtype, False, fused, terms.zero_masked
         if cfg.sampled:
-            token_loss, coef, weight, clipped, mask = _sampled_coefficients(cfg, st, baseline, mask, behavior, old)
-            ctx.save_for_backward(z, st.z_max, st.z_logsum, coef, local_target, owned)
-        else:
-            if cfg.rollout_correction is not None:
-                weight = _rollout_weight(cfg, st.logp, behavior, old)
-                if cfg.rollout_correction == "mask":
-                    mask = mask * weight
-            if cfg.mode == "full_kl":
-                token_loss = masked(st.kl, mask)
-                if fused:
-                    grad = TK.full_kl_gradient(z, u, st, mask / tau, width, tau)  # [N, V/tp] z.dtype
-                else:
-                    grad = _full_kl_gradient(z, u, st, mask, tau, width, chunk_elements, zero_masked)  # [N, V/tp]
-                ctx.save_for_backward(grad)
+            ctx.save_for_backward(z, *terms.saved)
+        elif cfg.mode == "full_kl":
+            if fused:
+                grad = TK.full_kl_gradient(z, u, terms.st, terms.mask / tau, width, tau)  # [N, V/tp] z.dtype
             else:
-                token_loss = masked(topk.kl, mask)
-                member = topk.member[:, rank * k : rank * k + k_loc]  # [N, k_loc] this shard's picks
-                cand = local[-2 * k :].t()  # [N, 2k] this shard's candidate z and u
-                ctx.save_for_backward(cand[:, :k_loc].contiguous(), cand[:, k : k + k_loc].contiguous(),
-                                      member, cols, topk.z_max, topk.z_logsum, topk.u_max, topk.u_logsum,
-                                      topk.kl, mask)
-        aux = (mask, st.logp, st.logq, st.kl, baseline,
-               None if topk is None else topk.kl, weight, clipped)
-        ctx.mark_non_differentiable(*[t for t in aux if t is not None])
-        return (token_loss,) + aux
+                grad = _full_kl_gradient(z, u, terms.st, terms.mask, tau, width, chunk_elements,
+                                         terms.zero_masked)  # [N, V/tp] z.dtype
+            ctx.save_for_backward(grad)
+        else:
+            ctx.save_for_backward(*terms.saved, cols)
+        ctx.mark_non_differentiable(*[t for t in terms.outputs[1:] if t is not None])
+        return terms.outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         cfg = ctx.cfg
         if cfg.sampled:
             z, z_max, z_logsum, coef, local_target, owned = ctx.saved_tensors
-            c = grad_loss.to(coef.dtype) * coef / cfg.temperature  # [N]
+            c = P.sampled_row_coef(grad_loss, coef, cfg.temperature)  # [N]
             if ctx.fused:
                 from . import triton_kernels as TK
 
@@ -215,9 +156,7 @@ class VocabParallelOPDLoss(torch.autograd.Function):
                 zs = S.scaled_fp32(z[rows, : ctx.width], cfg.temperature)
                 g = S.softmax_minus_onehot(zs, z_logsum[rows], c[rows], local_target[rows], owned[rows],
                                            z_max=z_max[rows])  # [n, w]
-                if ctx.zero_masked:
-                    g.masked_fill_((coef[rows] == 0)[:, None], 0.0)
-                dz[rows, : ctx.width] = g
+                dz[rows, : ctx.width] = P.zero_dead_rows_(g, coef[rows], ctx.zero_masked)
         elif cfg.mode == "full_kl":
             # Scaled in place, as Megatron's cross entropy does with its saved
             # softmax: no second [N, V/tp] buffer. The graph is therefore
@@ -229,13 +168,10 @@ class VocabParallelOPDLoss(torch.autograd.Function):
             # In at least fp32 (fp64 stays fp64), rounded once to the gradient's dtype.
             dz = grad.mul_(grad_loss.to(torch.promote_types(grad.dtype, torch.float32))[:, None])
         else:
-            cz, cu, member, cols, z_max, z_logsum, u_max, u_logsum, kl_s, mask = ctx.saved_tensors
-            dz = torch.zeros(cz.shape[0], ctx.part, dtype=ctx.z_dtype, device=cz.device)
+            *saved, cols = ctx.saved_tensors
+            dz = torch.zeros(cols.shape[0], ctx.part, dtype=ctx.z_dtype, device=cols.device)
             if cols.shape[1]:
-                logp = (cz - z_max[:, None]) - z_logsum[:, None]  # [N, k_loc] log p~
-                r = logp - ((cu - u_max[:, None]) - u_logsum[:, None])  # log p~ - log q~
-                c = (grad_loss.to(mask.dtype) * mask / cfg.temperature)[:, None]
-                g = torch.where((c != 0) & member, logp.exp() * (r - kl_s[:, None]) * c, 0.0)  # [N, k_loc]
+                g = P.topk_kl_candidate_grad(tuple(saved), grad_loss, cfg.temperature)  # [N, k_loc]
                 dz.scatter_(1, cols, g.to(dz.dtype))
         return (dz,) + (None,) * 9
 
@@ -249,53 +185,5 @@ def _full_kl_gradient(z, u, st, mask, tau, width, chunk_elements, zero_masked=Tr
         us = S.scaled_fp32(u[rows, :width], tau)
         g = S.full_kl_gradient(zs, us, (st.z_logsum[rows], st.u_logsum[rows], st.kl[rows]), coef[rows],
                                maxima=(st.z_max[rows], st.u_max[rows]))  # [n, w]
-        if zero_masked:
-            g.masked_fill_((coef[rows] == 0)[:, None], 0.0)
-        grad[rows, :width] = g
+        grad[rows, :width] = P.zero_dead_rows_(g, coef[rows], zero_masked)
     return grad
-
-
-def _check_finite(st, mask) -> bool:
-    """Raise NonFiniteLogitsError naming the model (student first) and the token
-    rows whose logits are not finite on real columns; tokens with mask 0 are not
-    checked. Returns whether some masked token has non-finite statistics. One
-    host sync; the statistics are global, so every TP rank decides the same.
-
-    Which statistic shows what (given the other model finite): NaN or +inf in z
-    makes lse_z non-finite, -inf in z makes E_p[z - u] NaN (0 * -inf), so K is
-    NaN with both normalisers finite; NaN or +inf in u makes lse_u non-finite,
-    -inf in u makes K +inf.
-    """
-    live = mask != 0  # [N]
-    fin_z, fin_u, fin_kl = torch.isfinite(st.lse_z), torch.isfinite(st.lse_u), torch.isfinite(st.kl)
-    student = ~fin_z | (torch.isnan(st.kl) & fin_u)  # [N]
-    teacher = ~student & (~fin_u | ~fin_kl)  # [N]
-    row_bad = student | teacher
-    flags = torch.stack([(student & live).any(), (teacher & live).any(), (row_bad & ~live).any()]).tolist()
-    for name, bad, hint in (("student", student, "a diverged student (check the learning rate and the last "
-                                                  "checkpoint)"),
-                            ("teacher", teacher, "check the teacher checkpoint and its vocabulary padding")):
-        if flags[0 if name == "student" else 1]:
-            rows = (bad & live).nonzero().flatten()
-            raise NonFiniteLogitsError(
-                f"non-finite {name} logits on real vocabulary columns (token rows {rows[:5].tolist()}"
-                f"{'...' if rows.numel() > 5 else ''}); {hint}", model=name, token_rows=rows.tolist())
-    return bool(flags[2])
-
-
-def _check_teacher_finite(st, mask=None) -> bool:
-    """The former name of `_check_finite` (which now names the student too); all rows live without a mask."""
-    return _check_finite(st, torch.ones_like(st.kl) if mask is None else mask)
-
-
-class NonFiniteLogitsError(UserError, ValueError):
-    """Student or teacher logits that are NaN or infinite on a live token (a
-    diverged student, a broken teacher checkpoint): a fault of the run's
-    inputs, reported as one line by the entry points.
-
-    model: "student" or "teacher"; token_rows: flat indices into the loss
-    call's leading dims (e.g. b * s + t for [b, s] targets)."""
-
-    def __init__(self, message: str, *, model: str, token_rows: list[int]):
-        super().__init__(message)
-        self.model, self.token_rows = model, token_rows

@@ -60,3 +60,53 @@ def opd_loss_func(
 def make_loss_func(**kwargs):
     """`loss_func` for Megatron's schedule with everything but the student logits bound."""
     return partial(opd_loss_func, **kwargs)
+
+
+def fused_opd_loss_func(
+    student,
+    *,
+    teacher,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    config: LossConfig,
+    vocab_size: int,
+    tp_group=None,
+    behavior_logprobs: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+):
+    """Megatron `loss_func` of `--vopd-fused-output`: output-layer inputs in, the same
+    `(loss_sum, num_tokens, metrics)` out.
+
+    student, teacher: `OutputLayerInput`s (megatron/fused_output.py) with
+        hidden `[s, b, h]` and weight `[V/tp, h]`; the student's hidden states
+        already pass through Megatron's TP copy / sequence-parallel gather,
+        whose backward reduces their gradient, so the loss does not.
+    labels, loss_mask (and log-probs): `[b, s]` as for `opd_loss_func`;
+        transposed here to the hidden states' `[s, b]` order (cheaper than
+        transposing `[s, b, h]`). A NonFiniteLogitsError names its token rows
+        in the `[b, s]` order again (row `i * s + t`), as `opd_loss_func`'s
+        do, which training.faults.naming_rows maps to data rows.
+    """
+    from ..loss.fused_output import fused_output_opd_loss
+    from ..loss.per_token import NonFiniteLogitsError
+
+    group = tp_group if tp_group is not None else tensor_parallel_group()
+
+    def sb(t):
+        return None if t is None else t.transpose(0, 1)
+
+    try:
+        return fused_output_opd_loss(
+            student.hidden, student.weight, teacher.hidden, teacher.weight, sb(labels), sb(loss_mask), config,
+            vocab_size=vocab_size, group=group, behavior_logprobs=sb(behavior_logprobs),
+            old_logprobs=sb(old_logprobs), reduce_hidden_grad=False,
+        )
+    except NonFiniteLogitsError as exc:
+        b, s = labels.shape[:2]
+        rows = sorted((r % b) * s + r // b for r in exc.token_rows)  # [s, b] flat -> [b, s] flat
+        raise NonFiniteLogitsError.found(exc.model, rows) from None
+
+
+def make_fused_loss_func(**kwargs):
+    """`loss_func` of `--vopd-fused-output` with everything but the student's output-layer input bound."""
+    return partial(fused_opd_loss_func, **kwargs)

@@ -13,6 +13,11 @@ The teacher runs under `torch.no_grad()` in eval mode: it keeps no activations
 for backward, receives no gradient (its slice of the incoming tensor is
 detached), and its logits live only as long as the microbatch's loss function.
 Checkpointing, DDP and the optimizer see the student alone.
+
+With `fused_output` (`--vopd-fused-output`, docs/loss.md) the last stage
+returns no logits: each model's GPTModel stops before its output layer and
+hands back the layer's input and weight (megatron/fused_output.py), and the
+loss forms the logits tile by tile without ever holding a `[b, s, V/tp]` shard.
 """
 from __future__ import annotations
 
@@ -32,12 +37,20 @@ class DistillationStage(torch.nn.Module):
     """This rank's stage of the student (trainable) and of the teacher (frozen).
 
     forward(input_ids, position_ids, attention_mask) returns, on the last
-    stage, `(student_logits [b, s, V/tp], teacher_logits [b, s, V/tp])`; on
-    other stages the concatenated hidden states `[s, b, hs + ht]`.
+    stage, `(student_logits [b, s, V/tp], teacher_logits [b, s, V/tp])`, or
+    with `fused_output` two `OutputLayerInput`s (hidden `[s, b, h]`, weight
+    `[V/tp, h]`); on other stages the concatenated hidden states `[s, b, hs + ht]`.
     """
 
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module):
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, fused_output: bool = False):
         super().__init__()
+        if fused_output:
+            from ..megatron.fused_output import fused_output_problems
+
+            problems = fused_output_problems(student) + fused_output_problems(teacher)
+            if problems:
+                raise ValueError("--vopd-fused-output cannot replace the output layer: " + "; ".join(problems))
+        self.fused_output = fused_output
         self.student = student
         self.teacher = teacher.eval().requires_grad_(False)
         inner = _unwrapped(student)
@@ -68,10 +81,15 @@ class DistillationStage(torch.nn.Module):
         _unwrapped(self.teacher).set_input_tensor(teacher_in)
 
     def forward(self, input_ids, position_ids, attention_mask):
+        kwargs = {}
+        if self.fused_output and self.post_process:
+            from ..megatron.fused_output import output_layer_input
+
+            kwargs["output_processor"] = output_layer_input
         with torch.no_grad(), self.timer.section("teacher_forward"):
-            teacher_out = self.teacher(input_ids, position_ids, attention_mask)
+            teacher_out = self.teacher(input_ids, position_ids, attention_mask, **kwargs)
         with self.timer.section("student_forward"):
-            student_out = self.student(input_ids, position_ids, attention_mask)
+            student_out = self.student(input_ids, position_ids, attention_mask, **kwargs)
         if self.post_process:
             return student_out, teacher_out
         return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)

@@ -31,6 +31,9 @@ the teacher's parameters on that GPU, as built; e: 2 with --bf16 else 4):
                 logits live while upcast) + the loss's fp32 chunk temporaries
                 (LOSS_FP32_TEMPORARIES * 4 * CHUNK_ELEMENTS). In backward the
                 student's logit gradient replaces the teacher's logits.
+                With --vopd-fused-output there are no logit shards: FUSED_TILE_BUFFERS
+                fp32 tiles of <= TILE_ELEMENTS, plus 2 * 4 * s*b*h_s for the fp32
+                hidden-state gradient and one tile's dgrad product.
 
 A_layer is Korthikanti et al. (2022, "Reducing Activation Recomputation in
 Large Transformer Models") generalised to grouped-query attention and gated
@@ -54,6 +57,7 @@ import torch
 import torch.distributed as dist
 
 from ..config.schema import ConfigError, ModelArgs, RunConfig
+from ..loss.fused_steps import TILE_ELEMENTS
 from ..loss.vocab_parallel import CHUNK_ELEMENTS
 from .builder import build_gpt_stage, transformer_config
 
@@ -61,6 +65,9 @@ GiB = 1 << 30
 #: fp32 [rows, V/tp] buffers alive at once inside one loss chunk (stats.local_statistics:
 #: both tempered inputs, both shifted copies, their difference, one product).
 LOSS_FP32_TEMPORARIES = 6
+#: fp32 [n, w] tile buffers alive at once in the fused output-layer loss (--vopd-fused-output):
+#: the student and teacher tiles and stats.local_statistics' three temporaries.
+FUSED_TILE_BUFFERS = 5
 
 
 @dataclass
@@ -322,6 +329,9 @@ def _stage_memory(config: RunConfig, stage: int, p_s: int, p_t: int, dp: int, mi
         # Student and teacher logits in fp32 (Float16Module upcasts on the last stage),
         # with the student's bf16 output alive while it is upcast.
         logits = (2 * 4 + (e if e < 4 else 0)) * rows * width + LOSS_FP32_TEMPORARIES * 4 * chunk
+        if config.distill.vopd_fused_output:  # no logit shards: tiles, and the fp32 hidden-state gradient
+            logits = (FUSED_TILE_BUFFERS * 4 * min(TILE_ELEMENTS, rows * width)
+                      + 2 * 4 * rows * ms.hidden_size)  # dh accumulator + one tile's dgrad product
 
     optimizer_bytes = 12 if tr.bf16 else 8
     return dict(
@@ -350,7 +360,9 @@ def _formulas(config: RunConfig, dp: int, flash_attention: bool, keeps_sent: boo
         f"{' (/tp)' if sp else ''}",
         f"logits (last stage) = (4+4{'+2' if bf16 else ''})*s*b*V/tp (fp32 student and teacher logits"
         f"{', bf16 while upcast' if bf16 else ''}) + {LOSS_FP32_TEMPORARIES} fp32 loss chunks of <= "
-        f"{CHUNK_ELEMENTS:,} elements",
+        f"{CHUNK_ELEMENTS:,} elements" if not config.distill.vopd_fused_output else
+        f"logits (last stage, --vopd-fused-output: no logit shards) = {FUSED_TILE_BUFFERS} fp32 tiles of <= "
+        f"{TILE_ELEMENTS:,} elements + 2*4*s*b*h_s (fp32 hidden-state gradient and one tile's dgrad product)",
     ]
 
 

@@ -26,7 +26,7 @@ import contextlib
 import math
 
 from ..errors import TrainingFault
-from ..loss.vocab_parallel import NonFiniteLogitsError
+from ..loss.per_token import NonFiniteLogitsError
 
 
 def rows_text(sources: list, limit: int = 4) -> str:

@@ -72,7 +72,8 @@ def build_models(run: RunConfig, teacher_seed_offset: int = 1, with_teacher: boo
     tensor_parallel.model_parallel_cuda_manual_seed(run.train.seed)  # training RNG streams
     teacher = _maybe_fp16(teacher, t_cfg, run.train.bf16).eval().requires_grad_(False)
     student = DistributedDataParallel(s_cfg, ddp_config, _maybe_fp16(student, s_cfg, run.train.bf16))
-    return Models(stages=[DistillationStage(student, teacher)], student=[student], teacher=teacher)
+    stage = DistillationStage(student, teacher, fused_output=run.distill.vopd_fused_output)
+    return Models(stages=[stage], student=[student], teacher=teacher)
 
 
 def build_optimizer(run: RunConfig, student_chunks: list):

@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from ..config.schema import RunConfig
 from ..loss import LossConfig, summarize_metrics
-from ..megatron.loss_adapter import make_loss_func
+from ..megatron.fused_output import OutputLayerInput
+from ..megatron.loss_adapter import make_fused_loss_func, make_loss_func
 from ..model.distill import p2p_shape_adjuster
 from .faults import naming_rows
 
@@ -44,7 +45,7 @@ def _forward_step(loss_config: LossConfig, vocab_size: int, mask, data_iterator,
     out = model(mb["tokens"], mb["position_ids"], mask)
     if not isinstance(out, tuple):  # not the last pipeline stage
         return out, None
-    student_logits, teacher_logits = out  # [b, s, V/tp] each
+    student_out, teacher_out = out  # [b, s, V/tp] logits each, or OutputLayerInputs (--vopd-fused-output)
     # The engine's log-probs, when the rollouts carry them: used by the rollout
     # correction if configured, and always reported as the trainer/engine gap.
     behavior = mb["behavior_logprobs"] if bool(mb["has_logprobs"]) else None
@@ -53,12 +54,14 @@ def _forward_step(loss_config: LossConfig, vocab_size: int, mask, data_iterator,
         if behavior is None:
             raise ValueError("--vopd-ppo-clip needs rollouts that carry the sampler's log-probs")
         old = behavior
-    loss_func = make_loss_func(
-        teacher_logits=teacher_logits, labels=mb["labels"], loss_mask=mb["loss_mask"],
-        config=loss_config, vocab_size=vocab_size, behavior_logprobs=behavior, old_logprobs=old,
-    )
+    common = dict(labels=mb["labels"], loss_mask=mb["loss_mask"], config=loss_config, vocab_size=vocab_size,
+                  behavior_logprobs=behavior, old_logprobs=old)
+    if isinstance(student_out, OutputLayerInput):  # output layers fused into the loss
+        loss_func = make_fused_loss_func(teacher=teacher_out, **common)
+    else:
+        loss_func = make_loss_func(teacher_logits=teacher_out, **common)
     loss_func = naming_rows(loss_func, mb.get("sources"), mb["labels"].shape[-1])
-    return student_logits, partial(_timed, model.timer, loss_func)
+    return student_out, partial(_timed, model.timer, loss_func)
 
 
 def _timed(timer, loss_func, output_tensor):
