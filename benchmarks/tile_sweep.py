@@ -43,7 +43,7 @@ from vopd_megatron.loss.backend import DEFAULT_GPU_TILES, TILES_ENV, interpreter
 
 #: Candidate (BLOCK_N, BLOCK_V, num_warps) per family; the default is always tried too.
 GPU_CANDIDATES = {
-    "stats": [(1, 1024, 4), (1, 2048, 8), (1, 4096, 8), (1, 8192, 16), (2, 4096, 16), (4, 2048, 16)],
+    "stats": [(1, 1024, 4), (1, 2048, 8), (1, 4096, 16), (1, 8192, 16), (2, 4096, 16), (4, 2048, 16)],
     "grad": [(1, 4096, 8), (2, 2048, 8), (4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4)],
 }
 #: Interpreter shapes for the CPU rehearsal: small, so that it stays quick.

@@ -15,6 +15,8 @@
 #                V = 1271, 32000 and 128256, bf16 and fp32
 #   bench_loss   benchmarks/bench_loss.py, N = 8192, V = 128256 and 151936, bf16: every mode vs
 #                Megatron's fused and plain CE and the unfused KL (time, peak memory, bandwidth, floor)
+#   bench_fused  benchmarks/bench_loss.py --fused-output, N = 8192, V = 128256, H = 4096, bf16: the
+#                fused output-layer loss (--vopd-fused-output) vs the logits path, vopd/full_kl/vopd_topk
 #   train        vopd-train on CUDA/NCCL: 0.46B student, 1.6B teacher, bf16, on-policy, a checkpoint
 #                save then resume; tokens/s, step-time split, peak memory
 #   tiles        benchmarks/tile_sweep.py: the kernels' launch shapes, the winner printed
@@ -23,16 +25,17 @@
 #
 # Output in --out (default $OUT, else runs/gpu_acceptance), at most 8 files (the device
 # tool brings back no more): summary.md, summary.csv, env.txt, bench_loss.csv,
-# bench_loss.md, train.csv, tiles.csv, logs.tar.gz (every stage's full log). They are
+# bench_loss.md (bench_fused's table appended), train.csv, tiles.csv, logs.tar.gz (every
+# stage's full log, bench_fused.csv). They are
 # rewritten after each stage, so a run cut short still leaves what it measured.
 # Exit status 0 when every selected stage passed or was skipped.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-ALL_STAGES=(install env gpu_tests bench_loss train tiles teacher_fp8)
-declare -A CAP_GPU=([install]=60 [env]=30 [gpu_tests]=150 [bench_loss]=150 [train]=200 [tiles]=100
+ALL_STAGES=(install env gpu_tests bench_loss bench_fused train tiles teacher_fp8)
+declare -A CAP_GPU=([install]=60 [env]=30 [gpu_tests]=150 [bench_loss]=150 [bench_fused]=90 [train]=200 [tiles]=100
                     [teacher_fp8]=90)
-declare -A CAP_SMOKE=([install]=180 [env]=90 [gpu_tests]=300 [bench_loss]=400 [train]=400 [tiles]=200
+declare -A CAP_SMOKE=([install]=180 [env]=90 [gpu_tests]=300 [bench_loss]=400 [bench_fused]=200 [train]=400 [tiles]=200
                       [teacher_fp8]=200)
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }

@@ -10,6 +10,7 @@ behaviour (time boxes, the budget, exit status) is the point, hence
 subprocesses.
 """
 import csv
+import io
 import json
 import os
 import subprocess
@@ -26,7 +27,7 @@ from vopd_megatron.timing import SectionTimer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_acceptance.sh"
-STAGES = ["install", "env", "gpu_tests", "bench_loss", "train", "tiles", "teacher_fp8"]
+STAGES = ["install", "env", "gpu_tests", "bench_loss", "bench_fused", "train", "tiles", "teacher_fp8"]
 OUT_FILES = {"summary.md", "summary.csv", "env.txt", "bench_loss.csv", "bench_loss.md", "train.csv", "tiles.csv",
              "logs.tar.gz"}
 
@@ -154,7 +155,21 @@ def test_rehearsal_bench_loss_rows(rehearsal):
         for r in mine.values():
             assert not r["error"] and float(r["ms"]) > 0 and float(r["mb"]) >= 0, r
             assert float(r["x_floor"]) > 0 and r["pct_peak"].endswith("%"), r  # --peak-gbs given
-    assert (out / "bench_loss.md").read_text().count("| name | time ms |") == 2
+    # Two vocabularies, then bench_fused's table under its own heading.
+    text = (out / "bench_loss.md").read_text()
+    assert text.count("| name | time ms |") == 3 and text.index("### --fused-output") > text.rindex("| megatron_ce")
+
+
+def test_rehearsal_bench_fused_rows(rehearsal):
+    out, _ = rehearsal
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        rows = list(csv.DictReader(io.TextIOWrapper(tar.extractfile("./bench_fused.csv"))))
+    names = {r["name"] for r in rows}
+    for mode in ("vopd [triton]", "full_kl [triton]", "vopd_topk (k=64) [triton]"):
+        assert {f"{mode}: logits path", f"{mode}: fused output"} <= names, names
+    assert all(not r["error"] and float(r["ms"]) > 0 for r in rows), rows
+    summary = {s["stage"]: s for s in read_rows(out / "summary.csv")}
+    assert summary["bench_fused"]["result"].count("x time") == 3
 
 
 def test_rehearsal_train_saved_resumed_and_split_the_step(rehearsal):

@@ -8,6 +8,7 @@ stage passes only on output that is complete and sane.
 
     report.py pytest JUNIT.xml --note N --md M --min-passed K
     report.py bench  CSV... --csv-out C --note N
+    report.py fused  CSV --note N
     report.py train  METRICS1.jsonl METRICS2.jsonl --first-iters K --dry-run LOG --csv-out C --note N --md M
     report.py tiles  CSV --note N
     report.py teacher CSV --note N
@@ -107,6 +108,22 @@ def bench_result(args) -> int:
     ours_broken = [r for r in ours if r["error"] or num(r["ms"]) is None]
     if ours_broken or missing or not parts:
         return fail(args.note, text or "no vopd row")
+    write(args.note, text)
+    return 0
+
+
+def fused_result(args) -> int:
+    """bench_loss --fused-output rows: each mode's fused output loss against its logits path."""
+    rows = read_csv(args.csv) if Path(args.csv).exists() else []
+    if not rows:
+        return fail(args.note, "bench_loss --fused-output wrote no rows")
+    broken = [f"{r['name']}: {r['error']}" for r in rows if r["error"] or num(r["ms"]) is None]
+    fused = [r for r in rows if r["name"].endswith("fused output")]
+    parts = [f"{r['name'].split(':')[0]} {r['x_logits_time']}x time, {r['x_logits_mem']}x memory"
+             for r in fused if num(r["ms"]) is not None]
+    text = "fused vs logits path: " + "; ".join(parts) + (f"; rows that failed: {'; '.join(broken)}" if broken else "")
+    if broken or not parts:
+        return fail(args.note, text)
     write(args.note, text)
     return 0
 
@@ -247,7 +264,7 @@ def summary(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
-    for name in ("pytest", "bench", "train", "tiles", "teacher"):
+    for name in ("pytest", "bench", "fused", "train", "tiles", "teacher"):
         s = sub.add_parser(name)
         s.add_argument("--note", type=Path)
         s.add_argument("--md", type=Path)
@@ -255,6 +272,7 @@ def main(argv=None) -> int:
     sub.choices["pytest"].add_argument("--min-passed", type=int, default=1)
     sub.choices["bench"].add_argument("csvs", nargs="+")
     sub.choices["bench"].add_argument("--csv-out", required=True)
+    sub.choices["fused"].add_argument("csv")
     sub.choices["train"].add_argument("metrics", nargs=2)
     sub.choices["train"].add_argument("--first-iters", type=int, required=True)
     sub.choices["train"].add_argument("--dry-run")
@@ -266,7 +284,7 @@ def main(argv=None) -> int:
     s.add_argument("out")
     s.add_argument("--print", action="store_true")
     args = p.parse_args(argv)
-    run = {"pytest": pytest_result, "bench": bench_result, "train": train_result, "tiles": tiles_result,
+    run = {"pytest": pytest_result, "bench": bench_result, "fused": fused_result, "train": train_result, "tiles": tiles_result,
            "teacher": teacher_result, "summary": summary}[args.what]
     return run(args)
 

@@ -25,7 +25,7 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: The kernels' launch shapes on a GPU, (BLOCK_N, BLOCK_V, num_warps) per kernel
 #: family: "stats" for the row-reduction pass, "grad" for the element-wise
 #: gradient kernels (triton_kernels.py). Not tuned on a GPU yet.
-DEFAULT_GPU_TILES = {"stats": (1, 4096, 16), "grad": (4, 1024, 8)}
+DEFAULT_GPU_TILES = {"stats": (1, 4096, 8), "grad": (4, 1024, 8)}
 #: Overrides DEFAULT_GPU_TILES for one run, e.g. "stats=1x8192x16,grad=8x512x4"
 #: (either family): how a tile-sweep winner is tried end to end without editing code.
 TILES_ENV = "VOPD_TRITON_TILES"

@@ -138,9 +138,12 @@ def batch_metrics(losses: list[dict]) -> dict:
     if parallel_state.is_pipeline_last_stage():
         summary = summarize_metrics(losses, group=parallel_state.get_data_parallel_group())
         summary["_tokens"] = sum(float(m["loss"][1]) for m in losses)
-        tokens = torch.tensor(summary["_tokens"], dtype=torch.float64)
-        dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
-        summary["_tokens"] = float(tokens)
+        group = parallel_state.get_data_parallel_group()
+        if dist.get_world_size(group) > 1:
+            # On the loss's device: NCCL reduces CUDA tensors only.
+            tokens = torch.tensor(summary["_tokens"], dtype=torch.float64, device=losses[0]["loss"].device)
+            dist.all_reduce(tokens, group=group)
+            summary["_tokens"] = float(tokens)
     holder = [summary]
     # Megatron orders ranks with pipeline stages slowest: the last global rank
     # is on the last stage.
