@@ -43,7 +43,8 @@ from tests.fixtures.megatron_recipes import flags
 from vopd_megatron.config.args import parse_run
 from vopd_megatron.config.megatron_args import megatron_transformer_config
 from vopd_megatron.config.schema import ConfigError
-from vopd_megatron.model.dry_run import attention_env_kept, dry_run_report
+from vopd_megatron.model.builder import attention_env_kept
+from vopd_megatron.model.dry_run import dry_run_report
 
 #: recipe -> (blocks fed as they are, extra flags, world size).
 #: The extra flags name the tokenizer the scripts take from the environment: Llama-3's

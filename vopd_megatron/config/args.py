@@ -171,7 +171,7 @@ def run_config(ns: argparse.Namespace, raw: argparse.Namespace, teacher_ns: argp
     train_fields = {f.name for f in dataclasses.fields(TrainArgs)}
     train = TrainArgs(**{name: getattr(ns, name) for name in train_fields if name != "megatron_overrides"},
                       megatron_overrides=_overrides(raw, defaults, TRAINING, train_fields))
-    if ns.train_iters is None and ns.train_samples:  # Megatron-LM's update_train_iters
+    if ns.train_iters is None and ns.train_samples and ns.global_batch_size:  # Megatron-LM's update_train_iters
         train.train_iters = ns.train_samples // ns.global_batch_size
     sections = {
         "model": model_args(ns, raw, defaults), "teacher": model_args(teacher_ns, teacher_raw, defaults),
@@ -193,23 +193,58 @@ def parse_run(argv: list[str] | None = None, *, tool: str = "train") -> ParsedRu
     argv = sys.argv[1:] if argv is None else list(argv)
     prog, tool_defaults = TOOLS[tool]
     parser = build_parser(prog)
+    tokens, raw = _parse_flags(parser, argv)                               # 1
+    defaults = megatron_defaults()
+    check_megatron_values({d: getattr(raw, d) for d in defaults})          # 2
+    for _, cls in PLUGIN_SECTIONS:
+        check_ranges(plugin_section(cls, raw))
+    notes = review_flags(raw, defaults)                                    # 3
+    _fill_vocab_size(raw)
+    path, note = teacher_config_path(raw.teacher_model_config, raw.teacher_load)
+    teacher_raw = teacher_namespace(parser, tokens, raw, path)             # 4
+    _fill_vocab_size(teacher_raw)
+    own = review_flags(teacher_raw, defaults, "teacher: ")  # the student's own notes come back prefixed
+    notes += [n for n in own if n.removeprefix("teacher: ") not in notes] + ([note] if note else [])
+    _check_required(raw, tool)
+    if tool not in TRAINING_TOOLS and raw.seq_length is None and raw.max_position_embeddings is not None:
+        tool_defaults = {**tool_defaults, "seq_length": raw.max_position_embeddings}  # a model-only YAML
+    world = _world_size(raw)
+    ns, teacher_ns = copy.deepcopy(raw), copy.deepcopy(teacher_raw)
+    try:                                                                   # 5
+        notes += validate(ns, world, tool_defaults, rank=int(os.environ.get("RANK", 0)))
+        try:
+            validate(teacher_ns, world, tool_defaults)
+        except ConfigError as exc:
+            raise ConfigError(f"teacher{f' ({path})' if path else ''}: {exc}") from None
+    except ConfigError:
+        _check_shapes_first(raw, teacher_raw, defaults, world)
+        raise
+    if ns.lr is not None and (ns.train_iters or ns.train_samples):
+        check_schedule(scheduler_settings(ns))
+    run = run_config(ns, raw, teacher_ns, teacher_raw, defaults)           # 6
+    _check_shapes(run, world)
+    student_config = transformer_config_from_namespace(ns)
+    try:
+        teacher_config = transformer_config_from_namespace(teacher_ns)
+    except ConfigError as exc:
+        raise ConfigError(f"teacher: {exc}") from None
+    parsed = ParsedRun(run, ns, student_config, teacher_config, list(dict.fromkeys(notes)))
+    emit_warnings(parsed.warnings)
+    return parsed
+
+
+def _parse_flags(parser, argv: list[str]) -> tuple[list[str], argparse.Namespace]:
+    """(the command-line tokens, --config YAML's first, and what argparse makes of them)."""
     config = _config_path(argv)
     tokens = yaml_tokens(config, parser) if config else []
     if tokens:
         parse_tokens(parser, tokens, f"config file {config}")  # a bad value names the file
     tokens += argv
-    raw = parser.parse_args(tokens)
-    defaults = megatron_defaults()
-    check_megatron_values({d: getattr(raw, d) for d in defaults})
-    for _, cls in PLUGIN_SECTIONS:
-        check_ranges(plugin_section(cls, raw))
-    notes = review_flags(raw, defaults)
-    _fill_vocab_size(raw)
-    path, note = teacher_config_path(raw.teacher_model_config, raw.teacher_load)
-    teacher_raw = teacher_namespace(parser, tokens, raw, path)
-    _fill_vocab_size(teacher_raw)
-    own = review_flags(teacher_raw, defaults, "teacher: ")  # the student's own notes come back prefixed
-    notes += [n for n in own if n.removeprefix("teacher: ") not in notes] + ([note] if note else [])
+    return tokens, parser.parse_args(tokens)
+
+
+def _check_required(raw: argparse.Namespace, tool: str) -> None:
+    """Megatron-LM's flags without a default, named together."""
     required = REQUIRED + (("seq_length", "micro_batch_size") if tool in TRAINING_TOOLS else ())
     missing = [option_for(d) for d in required if getattr(raw, d) is None]
     if missing:
@@ -220,31 +255,17 @@ def parse_run(argv: list[str] | None = None, *, tool: str = "train") -> ParsedRu
             raise ConfigError("--lr is required (Megatron-LM has no default learning rate)")
         if not (raw.train_iters or raw.train_samples):
             raise ConfigError("give --train-iters (or --train-samples)")
-    world = _world_size(raw)
-    if tool not in TRAINING_TOOLS and raw.seq_length is None and raw.max_position_embeddings is not None:
-        tool_defaults = {**tool_defaults, "seq_length": raw.max_position_embeddings}  # a model-only YAML
-    ns, teacher_ns = copy.deepcopy(raw), copy.deepcopy(teacher_raw)
+
+
+def _check_shapes_first(raw, teacher_raw, defaults: dict, world: int) -> None:
+    """After Megatron-LM refused the flags: where the plugin's shape checks see the problem
+    too, raise theirs, which name the flags (on the flags as given)."""
     try:
-        notes += validate(ns, world, tool_defaults, rank=int(os.environ.get("RANK", 0)))
-        try:
-            validate(teacher_ns, world, tool_defaults)
-        except ConfigError as exc:
-            raise ConfigError(f"teacher{f' ({path})' if path else ''}: {exc}") from None
-    except ConfigError:
-        # Where the plugin's own checks see the problem, their message names the flags better.
         _check_shapes(run_config(raw, raw, teacher_raw, teacher_raw, defaults), world)
+    except ConfigError:
         raise
-    if ns.lr is not None and (ns.train_iters or ns.train_samples):
-        check_schedule(scheduler_settings(ns))
-    run = run_config(ns, raw, teacher_ns, teacher_raw, defaults)
-    _check_shapes(run, world)
-    try:
-        teacher_config = transformer_config_from_namespace(teacher_ns)
-    except ConfigError as exc:
-        raise ConfigError(f"teacher: {exc}") from None
-    parsed = ParsedRun(run, ns, transformer_config_from_namespace(ns), teacher_config, list(dict.fromkeys(notes)))
-    emit_warnings(parsed.warnings)
-    return parsed
+    except Exception:  # noqa: BLE001 - values Megatron-LM would have derived are missing: keep its message
+        return
 
 
 def _check_shapes(run: RunConfig, world: int) -> None:

@@ -54,6 +54,7 @@ MODEL_KERNELS = frozenset({
     "use_cpu_initialization", "perform_initialization", "clone_scatter_output_in_embedding",
     "fp8", "fp8_recipe", "fp8_margin", "fp8_interval", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_wgrad",
     "fp8_param_gather", "first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16",
+    "use_te_activation_func", "config_logger_dir",
 })
 #: Optimizer, LR / weight-decay schedule, precision and data-parallel gradient handling.
 TRAINING = frozenset({
@@ -207,9 +208,52 @@ REFUSED: tuple[tuple[frozenset, tuple, frozenset, str], ...] = (
      frozenset({"rl", "sft", "Logits Distillation", "inference"}),
      "Megatron-LM's RL / SFT / inference / logits-distillation loops are not used: vopd-train samples with "
      "--rollout-* flags, vopd-sft trains supervised"),
-    (frozenset(), (), frozenset({"vision", "biencoder", "autoresume", "In-process restart", "ft_package",
-                                 "fault injector", "msc", "workload inspector", "rerun engine"}),
-     "not part of GPT distillation in vopd-train"),
+    (frozenset({"encoder_num_layers", "decoder_num_layers", "bert_binary_head"}), (), frozenset(
+        {"vision", "biencoder", "autoresume", "In-process restart", "ft_package", "fault injector", "msc",
+         "workload inspector", "rerun engine"}), "not part of GPT distillation in vopd-train"),
+    (frozenset({"batch_size", "warmup", "checkpoint_activations", "model_parallel_size"}), (), frozenset(),
+     "removed from Megatron-LM, which refuses it too (see its --help for the replacement)"),
+    (frozenset({"tensor_parallel_num_weight_shards", "expert_tensor_parallel_num_weight_shards"}), (), frozenset(),
+     "tensor-parallel weight sharding (GTP) is not supported"),
+    (frozenset({"te_rng_tracker", "inference_rng_tracker", "data_parallel_random_init"}), (), frozenset(),
+     "vopd-train seeds Megatron-Core's RNG tracker itself (--seed; the teacher's initialisation uses seed + 1)"),
+    (frozenset({"exit_signal_handler", "exit_signal", "exit_signal_handler_for_dataloader",
+                "exit_signal_handler_for_training"}), (), frozenset(),
+     "save-on-signal is not implemented: use --exit-duration-in-mins or --exit-interval"),
+    (frozenset({"iterations_to_skip", "result_rejected_tracker_filename", "check_for_large_grads",
+                "check_weight_hash_across_dp_replicas_interval", "gpu_sniff_test_interval", "train_sync_interval",
+                "freeze_all_layers", "dump_param_to_param_group_map", "deterministic_mode"}), (), frozenset(),
+     "this part of Megatron-LM's training loop is not implemented in vopd-train"),
+    (frozenset({"flash_decode", "mrope_section", "min_offloaded_tensor_size", "delay_offload_until_cuda_graph",
+                "delta_offload_bytes_across_pp_ranks", "activation_offload_fraction",
+                "fine_grained_offloading_max_inflight_offloads", "symmetric_ar_type", "nccl_all_reduce_for_prefill",
+                "use_grouped_gemm_for_dense_mlp", "use_grouped_gemm_for_shared_expert", "mlp_chunks_for_prefill",
+                "mlp_chunks_for_training", "high_priority_a2a_comm_stream", "use_fused_weighted_squared_relu",
+                "fused_residual_rmsnorm", "use_transformer_engine_op_fuser", "flash_attention_version",
+                "init_model_with_meta_device", "batch_invariant_mode", "overlap_moe_expert_parallel_comm",
+                "overlap_dispatch_backward_with_experts_wgrad", "ep_overlap_early_attn_memory_release"}),
+     ("inference_",), frozenset(), "this kernel / inference / offloading option is not supported by vopd-train"),
+    (frozenset({"pretrained_checkpoint", "ckpt_step", "exit_on_missing_checkpoint", "no_save_optim", "no_save_rng",
+                "no_load_optim", "no_load_rng", "override_ckpt_iteration", "replication", "replication_jump",
+                "replication_factor", "verify_integrity"}),
+     ("save_", "non_persistent", "ckpt_", "async_", "dist_ckpt", "load_main_params", "strict_fsdp",
+      "stream_ckpt"), frozenset({"checkpointing"}),
+     "vopd-train writes and reads checkpoints with its own torch_dist code (--save, --save-interval, --load, "
+     "--finetune); this Megatron-LM checkpoint option is not implemented there"),
+)
+REFUSED += (
+    (frozenset({"trust_remote_code", "pad_vocab_size"}), ("tokenizer_sentencepiece", "tokenizer_hf_", "null_tokenizer"),
+     frozenset(), "vopd-train loads tokenizers with its own loader (--tokenizer-model: tokenizer.json, a Hugging "
+                  "Face directory or a sentencepiece model); this option is not applied"),
+    (frozenset({"lazy_mpu_init", "nccl_communicator_config_path", "use_tp_pp_dp_mapping", "use_gloo_process_groups",
+                "use_sharp", "sharp_enabled_group", "high_priority_stream_groups",
+                "distributed_timeout_seconds_after_init", "fake_process_group", "nccl_ub",
+                "disable_symmetric_registration", "create_all_gather_group", "outer_dp_sharding_strategy",
+                "gradient_reduce_div_fusion", "suggested_communication_unit_size", "keep_fp8_transpose_cache",
+                "ddp_reduce_scatter_with_fp32_accumulation", "ddp_param_name_patterns_for_fp32_local_accumulation",
+                "overlap_param_gather_with_optimizer_step", "reuse_grad_buf_for_mxfp8_param_ag", "disable_jit_fuser"}),
+     ("flight_recorder",), frozenset(),
+     "vopd-train sets up its process groups and DDP itself; this Megatron-LM option is not applied"),
 )
 NOT_SUPPORTED = "not supported by vopd-train (not wired into its training loop)"
 
@@ -220,11 +264,24 @@ class Verdict:
     reason: str
 
 
+def runconfig_dests() -> frozenset:
+    """Megatron-LM dests that a field of a Megatron-backed RunConfig section carries: honoured by
+    construction (so a field another module adds, e.g. CheckpointArgs.no_load_optim, needs no edit here)."""
+    from dataclasses import fields
+
+    from .schema import CheckpointArgs, LoggingArgs, ModelArgs, ParallelArgs, TrainArgs
+
+    renamed = {"norm_epsilon": "layernorm_epsilon", "disable_bias_linear": "add_bias_linear"}
+    return frozenset(renamed.get(f.name, f.name) for cls in (ModelArgs, ParallelArgs, TrainArgs, CheckpointArgs,
+                                                             LoggingArgs)
+                     for f in fields(cls) if f.name != "megatron_overrides" and not f.metadata.get("plugin"))
+
+
 def classify(dest: str, group: str) -> Verdict:
     """What vopd-train does with a Megatron-LM flag (by argparse dest) set to a non-default value."""
     if dest in SILENT:
         return Verdict("silent", "deprecated; no effect in Megatron-LM 0.19")
-    if dest in HONOURED:
+    if dest in HONOURED or dest in runconfig_dests():
         rule = VALUE_RULES.get(dest)
         return Verdict("honoured", f"only {rule[1]}" if rule else "")
     if dest in NO_EFFECT:

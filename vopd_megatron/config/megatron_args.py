@@ -300,7 +300,8 @@ def scheduler_settings(ns: argparse.Namespace, updates_per_iteration: int = 1) -
     updates_per_iteration: optimizer steps per global batch (--vopd-updates-per-batch): every
     horizon is stretched by it, so the schedule keeps its shape over iterations. Where
     Megatron-LM would refuse a warmup as long as the decay (a short smoke run), the decay
-    ends one sample after the warmup."""
+    ends one sample after the warmup; and resuming keeps the checkpoint's schedule unless
+    --override-opt-param-scheduler (docs/training.md, "another meaning")."""
     gbs, u = ns.global_batch_size, updates_per_iteration
     if ns.train_iters:
         decay = (ns.lr_decay_iters or ns.train_iters) * gbs
@@ -317,7 +318,9 @@ def scheduler_settings(ns: argparse.Namespace, updates_per_iteration: int = 1) -
         lr_decay_steps=max(decay, warmup + 1) * u, lr_decay_style=ns.lr_decay_style,
         start_wd=ns.start_weight_decay, end_wd=ns.end_weight_decay, wd_incr_steps=max(wd_steps, 1) * u,
         wd_incr_style=ns.weight_decay_incr_style,
-        use_checkpoint_opt_param_scheduler=ns.use_checkpoint_opt_param_scheduler,
+        # On resume the checkpoint's schedule wins unless --override-opt-param-scheduler: Megatron-LM
+        # would refuse a changed schedule (e.g. a longer --train-iters) without one of its two flags.
+        use_checkpoint_opt_param_scheduler=not ns.override_opt_param_scheduler,
         override_opt_param_scheduler=ns.override_opt_param_scheduler,
         wsd_decay_steps=wsd * u if wsd is not None else None, lr_wsd_decay_style=ns.lr_wsd_decay_style,
     )

@@ -27,6 +27,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -56,7 +57,7 @@ class Spec(NamedTuple):
 def field_docs(cls) -> tuple[str | None, dict[str, str]]:
     """A dataclass's own docstring and its attribute docstrings (the string
     literal right after a field), read from the source."""
-    cls_node = ast.parse(inspect.getsource(cls)).body[0]
+    cls_node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
     body, docs = cls_node.body, {}
     for node, nxt in zip(body, body[1:]):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)

@@ -203,7 +203,7 @@ class CheckpointArgs:
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None
-    teacher_load: str | None = flag_field(None, "--export-kd-teacher-load")
+    teacher_load: str | None = flag_field(None, "--export-kd-teacher-load", plugin=True)
     """Teacher checkpoint (loaded read-only; ModelOpt's --export-kd-teacher-load is the
     same flag). Without --teacher-model-config its architecture comes from the
     model_config.yaml (ModelOpt) or model_flags.yaml (vopd-convert) in that directory.

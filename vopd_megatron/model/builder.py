@@ -12,7 +12,9 @@ neither TE nor apex; both have the same parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 
 import torch
 
@@ -22,6 +24,24 @@ from ..config.schema import ModelArgs, ParallelArgs, TrainArgs
 def te_available() -> bool:
     """Transformer Engine is usable: installed, and a GPU to run it on."""
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+#: Megatron-Core's LanguageModule writes the --attention-backend choice into these at construction.
+ATTENTION_ENV = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
+@contextlib.contextmanager
+def attention_env_kept():
+    """Leave the process environment as it was after a meta build (a plan sets no backend)."""
+    saved = {name: os.environ.get(name) for name in ATTENTION_ENV}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def runtime_kernel_flags() -> dict[str, object]:

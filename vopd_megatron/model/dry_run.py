@@ -57,7 +57,7 @@ import torch.distributed as dist
 from ..config.megatron_args import megatron_transformer_config
 from ..config.schema import ConfigError, ModelArgs, RunConfig
 from ..loss.vocab_parallel import CHUNK_ELEMENTS
-from .builder import build_gpt_stage
+from .builder import attention_env_kept, build_gpt_stage
 
 GiB = 1 << 30
 #: fp32 [rows, V/tp] buffers alive at once inside one loss chunk (stats.local_statistics:
@@ -222,26 +222,6 @@ def _process_group_for_build():
         yield
     finally:
         dist.destroy_process_group()
-
-
-#: Megatron-Core's LanguageModule writes the --attention-backend choice into these at construction.
-ATTENTION_ENV = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
-
-
-@contextlib.contextmanager
-def attention_env_kept():
-    """Leave the process environment as it was after a meta build (a plan sets no backend)."""
-    import os
-
-    saved = {name: os.environ.get(name) for name in ATTENTION_ENV}
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @contextlib.contextmanager

@@ -22,7 +22,8 @@ returns `(sum of token losses, completion tokens)`, and `finalize_model_grads`
 divides the summed gradients by the global token count, so the gradient is the
 token mean over the whole batch for any TP/DP/microbatch split.
 
-    vopd-sft --config examples/arithmetic/teacher.yaml --sft-data data/sft.jsonl --save runs/teacher
+    vopd-sft --config examples/arithmetic/config.yaml --which teacher --sft-data data/sft.jsonl \\
+             --train-iters 400 --save runs/teacher --save-interval 400
     torchrun --nproc-per-node 2 -m vopd_megatron.training.sft ... --tensor-model-parallel-size 2
 """
 from __future__ import annotations
