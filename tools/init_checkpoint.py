@@ -24,8 +24,13 @@ def main(argv=None):
     from vopd_megatron.training.setup import build_models, initialize_parallel
     from vopd_megatron.training.train import init_distributed
 
-    run, _ = parse_config(rest)
-    world = init_distributed()
+    from vopd_megatron.config import ConfigError
+
+    try:
+        run, _ = parse_config(rest)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    world = init_distributed(run.parallel.distributed_timeout_minutes)
     run.validate(world)
     initialize_parallel(run)
     models = build_models(run)

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from ..config.schema import ConfigError
     from .hf_config import ConversionError
 
     args = build_parser().parse_args(argv)
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
             files = convert_megatron_to_hf(args.load, args.out, model_args=model_args, model_type=args.model_type,
                                            max_shard_bytes=int(args.max_shard_size_gb * 2**30))
             print(f"wrote {args.out}: config.json + {len(files)} safetensors file(s)")
-    except ConversionError as exc:
+    except (ConversionError, ConfigError) as exc:  # ConfigError: the --config flags
         print(f"vopd-convert: error: {exc}", file=sys.stderr)
         return 2
     return 0
