@@ -181,7 +181,7 @@ def test_bad_eval_problem(dirs, no_process_group, case):
     path = inputs / "eval.jsonl"
     path.write_text('{"problem": [3, 4], "answer": "7"}\n' + line + "\n")
     check(train_main, base(outputs, "--prompt-data", "examples/tiny/prompts.jsonl", "--eval-data", str(path),
-                           "--eval-interval", "1"), inputs, f"{path}:2", says)
+                           "--eval-every", "1"), inputs, f"{path}:2", says)
 
 
 @pytest.mark.parametrize("case", ["file", "under-a-file"])

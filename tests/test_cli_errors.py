@@ -79,15 +79,15 @@ def test_vopd_train_tokenizer_errors(tmp_path):
 def test_vopd_train_budget_and_eval_errors(tmp_path):
     assert "--rollout-max-new-tokens 64 must be in [1, --seq-length 64)" in _error(
         train_main, TINY + ["--rollout-max-new-tokens", "64"])
-    assert "--eval-interval needs --eval-data" in _error(train_main, TINY + ["--eval-interval", "2"])
-    ev = ["--eval-data", "examples/tiny/eval.jsonl", "--eval-interval", "2"]
+    assert "--eval-every needs --eval-data" in _error(train_main, TINY + ["--eval-every", "2"])
+    ev = ["--eval-data", "examples/tiny/eval.jsonl", "--eval-every", "2"]
     assert "--eval-max-new-tokens 70 must be in [1, --seq-length 64)" in _error(
         train_main, TINY + ev + ["--eval-max-new-tokens", "70"])
     assert "--eval-pass-k 3 must be in [1, --eval-samples 2]" in _error(
         train_main, TINY + ev + ["--eval-samples", "2", "--eval-pass-k", "3"])
     no_answer = _jsonl(tmp_path / "e.jsonl", [{"problem": [1, 2], "answer": "3"}, {"problem": [4]}])
     assert f"{no_answer}:2: missing answer field 'answer'" in _error(
-        train_main, TINY + ["--eval-data", str(no_answer), "--eval-interval", "1"])
+        train_main, TINY + ["--eval-data", str(no_answer), "--eval-every", "1"])
 
 
 def test_vopd_eval_bad_data(tmp_path):

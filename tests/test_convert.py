@@ -278,7 +278,7 @@ def test_vopd_train_starts_student_from_converted_checkpoint(tmp_path):
     convert_hf_to_megatron(str(hf_dir), str(mg_dir))
     cmd = [sys.executable, "-m", "vopd_megatron.training.train", "--config", str(mg_dir / "model_flags.yaml"),
            "--rollout-data", "examples/tiny/rollouts.jsonl", "--train-iters", "1", "--global-batch-size", "2",
-           "--micro-batch-size", "2", "--seq-length", "64", "--tensorboard-dir", str(tmp_path / "tb"),
+           "--micro-batch-size", "2", "--seq-length", "64", "--lr", "1e-4", "--tensorboard-dir", str(tmp_path / "tb"),
            "--load", str(mg_dir), "--finetune"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

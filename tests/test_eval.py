@@ -119,7 +119,7 @@ def _train(tmp_path, name, *extra):
 
 def test_training_with_eval_equals_training_without(tmp_path):
     plain = _train(tmp_path, "plain")
-    evald = _train(tmp_path, "eval", "--eval-data", "examples/tiny/eval.jsonl", "--eval-interval", "1",
+    evald = _train(tmp_path, "eval", "--eval-data", "examples/tiny/eval.jsonl", "--eval-every", "1",
                    "--eval-samples", "2", "--eval-max-new-tokens", "6")
     train_lines = [line for line in evald if "loss" in line]
     eval_lines = [line for line in evald if "eval/reverse_kl" in line]

@@ -23,10 +23,15 @@ def fp8_run(model=None, parallel=None, train=None, **teacher):
                      distill=DistillArgs(teacher_fp8=True))
 
 
+#: Megatron-LM's required model flags (the front end has no model defaults).
+MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
+         "--max-position-embeddings", "128", "--micro-batch-size", "1", "--vocab-size", "1000"]
+
+
 def test_flag_parses():
-    run, _ = parse_config(["--teacher-fp8", "--vocab-size", "1000"])
+    run, _ = parse_config(MODEL + ["--teacher-fp8"])
     assert run.distill.teacher_fp8
-    assert not parse_config([])[0].distill.teacher_fp8
+    assert not parse_config(MODEL)[0].distill.teacher_fp8
 
 
 def test_valid_shapes_pass_validation():
@@ -80,7 +85,7 @@ def test_missing_runtime_stops_the_run_before_any_work():
     from vopd_megatron.training.train import main
 
     with pytest.raises(SystemExit, match="^error: --teacher-fp8 cannot run here"):
-        main(["--teacher-fp8", "--vocab-size", "1000", "--prompt-data", "unused.jsonl"])
+        main(MODEL + ["--teacher-fp8", "--prompt-data", "unused.jsonl", "--lr", "1e-4", "--train-iters", "1"])
     assert not torch.distributed.is_initialized()  # stopped before the process group
 
 

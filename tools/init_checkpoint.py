@@ -33,14 +33,14 @@ def main(argv=None):
     from vopd_megatron.training.setup import build_models, initialize_parallel
     from vopd_megatron.training.train import init_distributed
 
-    run, _ = parse_config(rest)
     with reading_inputs():  # before any process group: flags and --out
+        run, _ = parse_config(rest)
         run.validate(int(os.environ.get("WORLD_SIZE", 1)))
         if os.path.exists(own.out) and (not os.path.isdir(own.out) or os.listdir(own.out)) and not own.overwrite:
             raise UserError(f"--out {own.out} exists and is not an empty directory; pass --overwrite to replace it")
     if own.overwrite and int(os.environ.get("RANK", 0)) == 0 and os.path.isdir(own.out):
         shutil.rmtree(own.out)
-    init_distributed()
+    init_distributed(run.parallel.distributed_timeout_minutes)
     initialize_parallel(run)
     models = build_models(run)
     chosen = models.student if own.which == "student" else [models.teacher]

@@ -7,7 +7,7 @@ Every run is `vopd-train` (on-policy: the student samples its completions
 each step) from the same warmed-up student (`--load ... --finetune`) and the
 same teacher (`--teacher-load`), with the held-out evaluation (`--eval-*`:
 reverse KL to the teacher on the student's samples, and accuracy, at
-iteration 0, every --eval-interval, and at the end) and the per-step
+iteration 0, every --eval-every, and at the end) and the per-step
 gradient-variance diagnostic (`variance/*`). Hyper-parameters are one table,
 RECIPE, the same for every mode, fixed before any comparison was run.
 
@@ -57,7 +57,7 @@ def train_command(mode: str, seed: int, recipe: dict, prep: dict, out: Path) -> 
            "--train-iters", str(r["train_iters"]), "--global-batch-size", str(r["global_batch"]),
            "--micro-batch-size", str(r["global_batch"]), "--lr", str(r["lr"]), "--min-lr", str(r["lr"]),
            "--lr-decay-style", "constant", "--rollout-max-new-tokens", str(r["max_new_tokens"]),
-           "--eval-data", str((DATA / "heldout.jsonl").relative_to(ROOT)), "--eval-interval", str(r["eval_interval"]),
+           "--eval-data", str((DATA / "heldout.jsonl").relative_to(ROOT)), "--eval-every", str(r["eval_interval"]),
            "--eval-max-problems", str(r["eval_problems"]), "--eval-samples", str(r["eval_samples"]),
            "--tensorboard-dir", str(out / "tb")]
     if mode in ("vopd_topk", "topk_kl"):

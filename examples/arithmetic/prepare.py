@@ -59,7 +59,8 @@ def sft(which: str, recipe: dict, out: Path, log) -> None:
            "--sft-data", str(DATA / "sft.jsonl"), "--train-iters", str(recipe["iters"]),
            "--global-batch-size", str(recipe["batch"]), "--micro-batch-size", str(recipe["batch"]),
            "--lr", str(recipe["lr"]), "--min-lr", str(recipe["min_lr"]), "--lr-warmup-iters", str(recipe["warmup"]),
-           "--seed", str(recipe["seed"]), "--log-interval", "50", "--save", str(out)]
+           "--seed", str(recipe["seed"]), "--log-interval", "50", "--save", str(out),
+           "--save-interval", str(recipe["iters"])]
     if "decay_iters" in recipe:
         cmd += ["--lr-decay-iters", str(recipe["decay_iters"])]
     if "load" in recipe:

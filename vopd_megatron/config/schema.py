@@ -2,7 +2,15 @@
 
 Every field is named after the Megatron-LM flag it mirrors (`--num-layers` ->
 `num_layers`), so a user's existing flags and YAML carry over unchanged; the
-distillation fields mirror the plugin's `--vopd-*` and `--teacher-*` flags.
+distillation fields mirror the plugin's `--vopd-*`, `--teacher-*`,
+`--rollout-*` and `--eval-*` flags. The command line fills these sections
+through Megatron-LM's own parser (`config/args.py`): Megatron-LM's defaults
+apply there. The dataclass defaults below are only for a RunConfig built in
+code (tests, tools); `ModelArgs.megatron_overrides` / `TrainArgs.megatron_overrides`
+carry the Megatron-LM flags a user set that no field mirrors, so that
+Megatron's own helpers rebuild the exact TransformerConfig, optimizer and DDP
+configs from a RunConfig (`config/megatron_args.py`).
+
 `RunConfig.validate(world_size)` checks everything that can be checked before
 any process group or weight exists, and raises `ConfigError` naming the flag.
 """
@@ -11,11 +19,27 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-from ..loss.config import LOSS_MODES, TOPK_MODES, LossConfig
+from ..loss.config import LossConfig
 
 
 class ConfigError(ValueError):
     """A configuration problem found before any work starts."""
+
+
+def ranged(default, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False):
+    """A numeric plugin field with its admissible range, checked by `checks.check_ranges`.
+
+    None (where the field allows it) is always admissible; otherwise the value
+    must be finite and lie in [lo, hi], with the end marked open excluded.
+    Every int and float field of the plugin sections declares one (a test
+    holds it), so a new field cannot skip range checking.
+    """
+    return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
+
+
+def flag_field(default, *aliases: str, **metadata):
+    """A plugin field whose flag has extra spellings (e.g. ModelOpt's names)."""
+    return field(default=default, metadata={"aliases": aliases, **metadata})
 
 
 @dataclass
@@ -62,6 +86,10 @@ class ModelArgs:
     decoder_last_pipeline_num_layers: int | None = None
     """Transformer layers on the last pipeline stage; None = an even share. The
     layers left after the first and last stages split evenly over the middle stages."""
+    megatron_overrides: dict = field(default_factory=dict)
+    """Megatron-LM flags of this model that no field above mirrors, by argparse
+    dest (e.g. {"attention_backend": AttnBackend.fused, "layernorm_zero_centered_gamma": True},
+    {"padded_vocab_size": 152064}); only values that differ from Megatron-LM's defaults."""
 
     @property
     def ffn_size(self) -> int:
@@ -76,7 +104,11 @@ class ModelArgs:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     def padded_vocab_size(self, tp: int) -> int:
-        """Megatron's padding: the next multiple of make_vocab_size_divisible_by * tp."""
+        """Megatron's padding: the next multiple of make_vocab_size_divisible_by * tp,
+        or exactly --padded-vocab-size when that is given (as Megatron-LM does)."""
+        explicit = self.megatron_overrides.get("padded_vocab_size")
+        if explicit is not None:
+            return int(explicit)
         step = self.make_vocab_size_divisible_by * tp
         return int(math.ceil(self.vocab_size / step) * step)
 
@@ -129,6 +161,8 @@ class ParallelArgs:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    distributed_timeout_minutes: int = 10
+    """Timeout of the process groups' collectives (Megatron-LM's flag and default)."""
 
 
 @dataclass
@@ -136,10 +170,12 @@ class TrainArgs:
     micro_batch_size: int = 1
     global_batch_size: int = 8
     train_iters: int = 10
+    """Iterations (global batches); with --train-samples the front end sets it to
+    train_samples // global_batch_size, as Megatron-LM does."""
     lr: float = 1e-4
     min_lr: float = 0.0
     lr_decay_style: str = "constant"
-    """"constant", "linear" or "cosine" (Megatron's names)."""
+    """Megatron-LM's names: "constant", "linear", "cosine", "inverse-square-root", "WSD"."""
     lr_warmup_iters: int = 0
     lr_decay_iters: int | None = None
     """Defaults to train_iters."""
@@ -152,6 +188,14 @@ class TrainArgs:
     seed: int = 1234
     calculate_per_token_loss: bool = True
     """Global token mean over the whole batch (False: per-microbatch means)."""
+    exit_interval: int | None = None
+    """Save and stop after an iteration that is a multiple of this (Megatron-LM's --exit-interval)."""
+    exit_duration_in_mins: int | None = None
+    """Save and stop once the run has lasted this many minutes (Megatron-LM's --exit-duration-in-mins)."""
+    megatron_overrides: dict = field(default_factory=dict)
+    """Megatron-LM optimizer, schedule and data-parallel flags no field mirrors
+    (e.g. {"train_samples": ..., "lr_warmup_fraction": 0.01, "decoupled_lr": 5e-4,
+    "grad_reduce_in_bf16": True}), by dest; read by Megatron's own config helpers."""
 
 
 @dataclass
@@ -159,8 +203,11 @@ class CheckpointArgs:
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None
-    teacher_load: str | None = None
-    """Teacher checkpoint (loaded read-only); None keeps the teacher's random init (tests)."""
+    teacher_load: str | None = flag_field(None, "--export-kd-teacher-load", plugin=True)
+    """Teacher checkpoint (loaded read-only; ModelOpt's --export-kd-teacher-load is the
+    same flag). Without --teacher-model-config its architecture comes from the
+    model_config.yaml (ModelOpt) or model_flags.yaml (vopd-convert) in that directory.
+    None keeps the teacher's random initialisation (tests)."""
     finetune: bool = False
     """Load only the model weights from --load (e.g. a converted Hugging Face
     checkpoint) and start at iteration 0 with a fresh optimizer (Megatron-LM's --finetune)."""
@@ -177,11 +224,18 @@ class DistillArgs:
     """The plugin's `--vopd-*` flags; `loss_config()` turns them into a LossConfig."""
 
     vopd_loss: str = "vopd"
-    vopd_top_k: int | None = None
-    vopd_temperature: float = 1.0
+    """Loss mode: opd, vopd, vopd_topk, vopd_opt, full_kl or topk_kl (docs/loss.md)."""
+    vopd_top_k: int | None = ranged(None, 1)
+    """k of the top-k modes (vopd_topk, topk_kl); an error with any other mode."""
+    vopd_temperature: float = ranged(1.0, 0, lo_open=True)
+    """Sampling and loss temperature tau (> 0, finite)."""
     vopd_rollout_correction: str | None = None
-    vopd_rollout_correction_cap: float = 2.0
-    vopd_ppo_clip: float | None = None
+    """Correction for a sampling engine whose log-probs differ from the trainer's:
+    "truncate" (truncated importance weight) or "mask"."""
+    vopd_rollout_correction_cap: float = ranged(2.0, 0, lo_open=True)
+    """Cap C of the rollout correction's importance weight."""
+    vopd_ppo_clip: float | None = ranged(None, 0, 1, lo_open=True, hi_open=True)
+    """PPO ratio clipping epsilon in (0, 1) (needed by --vopd-updates-per-batch > 1)."""
     vopd_loss_backend: str = "auto"
     """Loss kernels: "auto" (fused Triton kernels on CUDA when triton imports, else
     PyTorch), "torch" or "triton" (docs/performance.md)."""
@@ -195,9 +249,11 @@ class DistillArgs:
     (e4m3, tensorwise recipe, TE layer spec); the student and both models' logits
     stay in their dtype. Needs TE, an FP8-capable GPU and GEMM dimensions that
     are multiples of 16 (model/fp8.py)."""
-    teacher_model_config: str | None = None
-    """YAML of ModelArgs overrides for the teacher (it may be deeper and wider)."""
-    vopd_updates_per_batch: int = 1
+    teacher_model_config: str | None = flag_field(None, "--export-kd-teacher-model-config")
+    """YAML of the teacher's Megatron-LM model flags that differ from the student's
+    (flag or argparse names as keys; ModelOpt's --export-kd-teacher-model-config is
+    the same flag). Default: model_config.yaml in --teacher-load."""
+    vopd_updates_per_batch: int = ranged(1, 1)
     """Optimizer steps per rollout batch. Above 1 the later steps are off-policy:
     needs --vopd-ppo-clip, and rollouts that carry the sampler's log-probs (the
     PPO ratio's denominator)."""
@@ -213,6 +269,8 @@ class DistillArgs:
 
 @dataclass
 class DataArgs:
+    """Prompts, rollouts and sampling (the plugin's flags; --tokenizer-model is Megatron-LM's)."""
+
     rollout_data: str | None = None
     """JSONL of tokenized rollouts (file-backed RolloutSource: an external sampler's output)."""
     prompt_data: str | None = None
@@ -226,23 +284,23 @@ class DataArgs:
     (chat `messages` always use it)."""
     teacher_tokenizer_model: str | None = None
     """The teacher's tokenizer, checked against --tokenizer-model: they must be identical."""
-    rollout_max_new_tokens: int = 32
+    rollout_max_new_tokens: int = ranged(32, 1)
     """Completion tokens at most per on-policy rollout."""
-    rollout_top_k: int = 0
+    rollout_top_k: int = ranged(0, 0)
     """0 = unfiltered sampling (what the OPD/vOPD estimators assume)."""
-    rollout_top_p: float = 0.0
-    """0.0 = unfiltered sampling (what the OPD/vOPD estimators assume)."""
-    eos_id: int | None = None
-    """End-of-sequence token id: an on-policy completion stops after it."""
+    rollout_top_p: float = ranged(0.0, 0, 1)
+    """In [0, 1]; 0.0 = unfiltered sampling (what the OPD/vOPD estimators assume)."""
+    eos_id: int | None = ranged(None, 0)
+    """End-of-sequence token id (< the vocabulary size): an on-policy completion stops after it."""
     rollout_stop: str | None = None
     """Stop string: a completion (rollouts and evaluation) ends after the token that
     completes it in the decoded text; several as a JSON list, e.g. '["</answer>", "\\n\\n"]'.
     Needs --tokenizer-model."""
-    rollout_batch_size: int = 64
+    rollout_batch_size: int = ranged(64, 1)
     """Prompts per static generation batch."""
-    tokenizer_model: str | None = None
-    """Student tokenizer: tokenizer.json, a Hugging Face tokenizer directory, or a
-    sentencepiece model; needed for text prompts."""
+    tokenizer_model: str | None = field(default=None, metadata={"megatron": True})
+    """Student tokenizer (Megatron-LM's --tokenizer-model): tokenizer.json, a Hugging
+    Face tokenizer directory, or a sentencepiece model; needed for text prompts."""
 
 
 @dataclass
@@ -255,17 +313,19 @@ class EvalArgs:
     """Field holding the problem (text, chat `messages`, or token ids) in --eval-data."""
     eval_answer_field: str = "answer"
     """Field holding the reference answer in --eval-data (graded with math-verify)."""
-    eval_interval: int = 0
-    """Evaluate at iteration 0, every N iterations and after the last one; 0 = never (vopd-train)."""
-    eval_samples: int = 1
+    eval_every: int = ranged(0, 0)
+    """vopd-train: evaluate --eval-data at iteration 0, every N iterations and after
+    the last one; 0 = never. (Megatron-LM's --eval-interval is its validation-loss
+    interval, which vopd-train does not run.)"""
+    eval_samples: int = ranged(1, 1)
     """Completions sampled per problem (n)."""
-    eval_pass_k: int | None = None
+    eval_pass_k: int | None = ranged(None, 1)
     """k of pass@k (unbiased estimator from n samples); defaults to --eval-samples."""
-    eval_max_problems: int | None = None
+    eval_max_problems: int | None = ranged(None, 1)
     """Evaluate only the first M problems of --eval-data; None = all."""
-    eval_temperature: float | None = None
+    eval_temperature: float | None = ranged(None, 0, lo_open=True)
     """Sampling temperature of evaluation; defaults to --vopd-temperature."""
-    eval_max_new_tokens: int | None = None
+    eval_max_new_tokens: int | None = ranged(None, 1)
     """Completion tokens at most in evaluation; defaults to --rollout-max-new-tokens."""
     eval_output: str | None = None
     """vopd-eval: directory for summary.json and per-problem records (problems.jsonl)."""
@@ -292,111 +352,20 @@ class RunConfig:
         return self.train.global_batch_size // per_step
 
     def validate(self, world_size: int) -> "RunConfig":
-        """Raise ConfigError for anything wrong that needs no GPU to see."""
-        p, t = self.parallel, self.train
-        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        if tp < 1 or pp < 1:
-            raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
-        if world_size % (tp * pp):
-            raise ConfigError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
-        for who, m in (("student", self.model), ("teacher", self.teacher)):
-            validate_model_args(who, m, tp, pp)
-        if self.model.vocab_size != self.teacher.vocab_size:
-            raise ConfigError(
-                f"teacher vocab size {self.teacher.vocab_size} != student vocab size "
-                f"{self.model.vocab_size}: distillation needs one shared tokenizer and vocabulary"
-            )
-        if self.model.seq_length != self.teacher.seq_length:
-            raise ConfigError("teacher and student must use the same --seq-length")
-        dp = world_size // (tp * pp)
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            raise ConfigError(
-                f"--global-batch-size {t.global_batch_size} is not divisible by "
-                f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}"
-            )
-        if self.distill.vopd_loss not in LOSS_MODES:
-            raise ConfigError(f"unknown --vopd-loss {self.distill.vopd_loss!r}; expected one of {LOSS_MODES}")
-        if self.distill.vopd_loss in TOPK_MODES and self.distill.vopd_top_k is None:
-            raise ConfigError(f"--vopd-loss {self.distill.vopd_loss} needs --vopd-top-k")
-        if self.distill.vopd_updates_per_batch < 1:
-            raise ConfigError("--vopd-updates-per-batch must be >= 1")
-        if self.distill.vopd_updates_per_batch > 1 and self.distill.vopd_ppo_clip is None:
-            raise ConfigError("--vopd-updates-per-batch > 1 needs --vopd-ppo-clip (the later updates are off-policy)")
-        try:
-            self.distill.loss_config()
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
-        d = self.data
-        if d.rollout_data and d.prompt_data:
-            raise ConfigError("give either --rollout-data (external rollouts) or --prompt-data (on-policy), not both")
-        if d.rollout_stop is not None:
-            self.data_stop_strings()  # raises on a malformed list
-            if not d.tokenizer_model:
-                raise ConfigError("--rollout-stop needs --tokenizer-model (stop strings are matched on decoded text)")
-        if d.prompt_data and not 1 <= d.rollout_max_new_tokens < self.model.seq_length:
-            raise ConfigError(
-                f"--rollout-max-new-tokens {d.rollout_max_new_tokens} must be in [1, --seq-length "
-                f"{self.model.seq_length}): the prompt needs room in the sequence"
-            )
-        self._validate_eval()
-        if t.lr_decay_style not in ("constant", "linear", "cosine"):
-            raise ConfigError(f"unknown --lr-decay-style {t.lr_decay_style!r}")
-        if p.sequence_parallel and tp == 1:
-            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-        if p.sequence_parallel and self.model.seq_length % tp:
-            raise ConfigError(f"--sequence-parallel needs --seq-length {self.model.seq_length} divisible by TP {tp}")
-        if self.distill.teacher_fp8:
-            from ..model.fp8 import fp8_shape_problems
+        """Raise ConfigError for anything wrong that needs no GPU to see (checks.validate_run)."""
+        from .checks import validate_run
 
-            problems = fp8_shape_problems(self.teacher, p, t)
-            if problems:
-                raise ConfigError("--teacher-fp8: the teacher's GEMMs cannot run in FP8: " + "; ".join(problems))
+        validate_run(self, world_size)
         return self
 
     def check_runtime(self) -> "RunConfig":
         """Raise ConfigError for what this machine lacks (Transformer Engine, an
         FP8 GPU); run before any process group or weight exists. Separate from
         validate() so that --dry-run can plan a GPU job on a machine without one."""
-        from ..loss.backend import env_tiles
+        from .checks import check_runtime
 
-        try:
-            env_tiles()  # a malformed VOPD_TRITON_TILES (loss kernel tile override)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if self.distill.teacher_fp8:
-            from ..model.fp8 import fp8_runtime_problems
-
-            problems = fp8_runtime_problems()
-            if problems:
-                raise ConfigError("--teacher-fp8 cannot run here: " + "; ".join(problems))
-        if self.distill.vopd_fused_output:
-            from ..megatron.fused_output import output_processor_supported
-
-            if not output_processor_supported():
-                raise ConfigError("--vopd-fused-output needs megatron-core >= 0.19 (GPTModel's output_processor hook)")
+        check_runtime(self)
         return self
-
-
-    def _validate_eval(self) -> None:
-        e = self.eval
-        if e.eval_interval < 0:
-            raise ConfigError(f"--eval-interval {e.eval_interval} must be >= 0 (0 = never)")
-        if e.eval_interval and not e.eval_data:
-            raise ConfigError("--eval-interval needs --eval-data")
-        if not e.eval_data:
-            return
-        if e.eval_samples < 1:
-            raise ConfigError(f"--eval-samples {e.eval_samples} must be >= 1")
-        if e.eval_pass_k is not None and not 1 <= e.eval_pass_k <= e.eval_samples:
-            raise ConfigError(f"--eval-pass-k {e.eval_pass_k} must be in [1, --eval-samples {e.eval_samples}]")
-        if e.eval_max_problems is not None and e.eval_max_problems < 1:
-            raise ConfigError(f"--eval-max-problems {e.eval_max_problems} must be >= 1")
-        if e.eval_temperature is not None and not e.eval_temperature > 0:
-            raise ConfigError(f"--eval-temperature {e.eval_temperature} must be > 0")
-        n = self.eval_max_new_tokens
-        if not 1 <= n < self.model.seq_length:
-            raise ConfigError(f"--eval-max-new-tokens {n} must be in [1, --seq-length {self.model.seq_length}): "
-                              "the problem needs room in the sequence")
 
     def data_stop_strings(self) -> tuple[str, ...]:
         """--rollout-stop as a tuple of strings: one string, or a JSON list of strings."""
@@ -427,31 +396,10 @@ class RunConfig:
 
 
 def validate_model_args(who: str, m: ModelArgs, tp: int, pp: int) -> None:
-    """ConfigError if one model's shape cannot be split TP x PP (used for both
-    models of a run and by the checkpoint converter)."""
-    if m.vocab_size is None or m.vocab_size < 1:
-        raise ConfigError(f"{who}: vocab size unknown (set --vocab-size or a tokenizer)")
-    if m.num_attention_heads % tp:
-        raise ConfigError(
-            f"{who}: --num-attention-heads {m.num_attention_heads} is not divisible by "
-            f"--tensor-model-parallel-size {tp}"
-        )
-    if m.query_groups % tp:
-        raise ConfigError(f"{who}: --num-query-groups {m.query_groups} is not divisible by TP {tp}")
-    if m.num_attention_heads % m.query_groups:
-        raise ConfigError(f"{who}: --num-attention-heads must be a multiple of --num-query-groups")
-    try:
-        m.pipeline_stage_layers(pp)
-    except ConfigError as exc:
-        raise ConfigError(f"{who}: {exc}") from None
-    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
-        raise ConfigError(f"{who}: --hidden-size must be divisible by --num-attention-heads (or set --kv-channels)")
-    if m.ffn_size % tp:
-        raise ConfigError(f"{who}: --ffn-hidden-size {m.ffn_size} is not divisible by TP {tp}")
-    if m.position_embedding_type not in ("rope", "learned_absolute", "none"):
-        raise ConfigError(f"{who}: unknown --position-embedding-type {m.position_embedding_type!r}")
-    if m.normalization not in ("LayerNorm", "RMSNorm"):
-        raise ConfigError(f"{who}: unknown --normalization {m.normalization!r}")
+    """ConfigError if one model's shape cannot be split TP x PP (checks.validate_model_args)."""
+    from .checks import validate_model_args as check
+
+    check(who, m, tp, pp)
 
 
 def section_fields(section) -> list[str]:

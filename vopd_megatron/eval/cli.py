@@ -12,20 +12,19 @@ problem: completions, extracted answers, correctness, majority answer).
               --eval-data examples/tiny/eval.jsonl --eval-samples 4 --eval-output runs/tiny/eval
     torchrun --nproc-per-node 2 -m vopd_megatron.eval.cli ... --tensor-model-parallel-size 2
 
-The evaluation itself is the one vopd-train runs every --eval-interval
+The evaluation itself is the one vopd-train runs every --eval-every
 iterations (vopd_megatron/eval/runner.py), so both report the same numbers
 for the same weights and layout.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch.distributed as dist
 
-from ..config import parse_config
-from ..config.args import to_flat_dict
+from ..config.args import parse_run, to_flat_dict
+from ..config.schema import ConfigError
 from ..data.checks import require_writable_dir
 from ..errors import entry_point, reading_inputs
 
@@ -49,27 +48,28 @@ def write_outputs(out_dir: str, summary: dict, records: list[dict]) -> None:
 
 @entry_point
 def main(argv=None):
-    run, ns = parse_config(argv)
-    run.data.prompt_data = run.data.rollout_data = None  # vopd-eval samples from --eval-data only
-    ck, e = run.checkpoint, run.eval
-    if not ck.load:
-        raise SystemExit("error: vopd-eval needs --load DIR (a checkpoint written by vopd-train or vopd-convert)")
-    if not e.eval_data:
-        raise SystemExit("error: vopd-eval needs --eval-data FILE.jsonl (records with a problem and an answer)")
     from ..training.train import init_distributed, rank0_print, run_tokenizer
     from .runner import build_evaluator, load_run_problems
 
     with reading_inputs():  # bad flags or data: a one-line error before anything is built
+        parsed = parse_run(argv, tool="eval")
+        run = parsed.run
+        run.data.prompt_data = run.data.rollout_data = None  # vopd-eval samples from --eval-data only
+        ck, e = run.checkpoint, run.eval
+        if not ck.load:
+            raise ConfigError("vopd-eval needs --load DIR (a checkpoint written by vopd-train or vopd-convert)")
+        if not e.eval_data:
+            raise ConfigError("vopd-eval needs --eval-data FILE.jsonl (records with a problem and an answer)")
         if e.eval_output:  # the results must have somewhere to go after the whole evaluation
             require_writable_dir(e.eval_output, "--eval-output")
-        run.validate(int(os.environ.get("WORLD_SIZE", 1))).check_runtime()
+        run.validate(parsed.namespace.world_size).check_runtime()
         tokenizer = run_tokenizer(run)
         problems = load_run_problems(run, tokenizer, log=rank0_print)
 
     from ..training.checkpoint import load_model_weights
     from ..training.setup import build_models, initialize_parallel
 
-    init_distributed()
+    init_distributed(run.parallel.distributed_timeout_minutes)
     try:
         initialize_parallel(run)
         models = build_models(run, with_teacher=bool(ck.teacher_load))

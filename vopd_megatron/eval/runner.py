@@ -1,6 +1,6 @@
 """One evaluation pass: sample n completions per problem from the student, measure
 the reverse KL to the teacher on them, grade them. Shared by vopd-train (every
-`--eval-interval` iterations) and vopd-eval (once, on a checkpoint).
+`--eval-every` iterations) and vopd-eval (once, on a checkpoint).
 
 Layout: data-parallel rank r takes a contiguous block of *problems* (with all
 n samples of each, so the majority vote is local); the ranks of one TP group

@@ -1,16 +1,22 @@
 """Build one pipeline stage of a GPTModel from `ModelArgs`, the Megatron way.
 
 The same function builds the student and the (frozen) teacher: they differ
-only in their ModelArgs. The layer spec is Transformer Engine's when TE is
-importable on a CUDA machine, Megatron-Core's local (pure PyTorch) spec
-otherwise, so the CPU path needs neither TE nor apex.
+only in their ModelArgs. Their TransformerConfig is Megatron-LM's own
+(`config.megatron_args.megatron_transformer_config`: the flags through
+`validate_args` and `core_transformer_config_from_args`, as pretrain_gpt.py
+does), adapted to this machine by `runtime_kernel_flags`. The layer spec is
+Transformer Engine's when TE is importable on a CUDA machine and
+`--transformer-impl` is transformer_engine (Megatron-LM's default),
+Megatron-Core's local (pure PyTorch) spec otherwise, so the CPU path needs
+neither TE nor apex; both have the same parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 
 import torch
-import torch.nn.functional as F
 
 from ..config.schema import ModelArgs, ParallelArgs, TrainArgs
 
@@ -20,74 +26,89 @@ def te_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+#: Megatron-Core's LanguageModule writes the --attention-backend choice into these at construction.
+ATTENTION_ENV = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
+@contextlib.contextmanager
+def attention_env_kept():
+    """Leave the process environment as it was after a meta build (a plan sets no backend)."""
+    saved = {name: os.environ.get(name) for name in ATTENTION_ENV}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def runtime_kernel_flags() -> dict[str, object]:
+    """Megatron-LM flags (by dest) this machine needs on top of the run's: its fused kernels off
+    where they do not exist. They change how a result is computed, not what (to rounding).
+
+    Without CUDA, as if given --no-rope-fusion --no-masked-softmax-fusion
+    --no-bias-gelu-fusion --no-bias-swiglu-fusion --no-bias-dropout-fusion
+    --no-gradient-accumulation-fusion --no-persist-layer-norm --use-cpu-initialization;
+    with CUDA but no Transformer Engine, the first, the gradient-accumulation and
+    the persistent-norm ones (TE's or apex's kernels; the local spec's torch norm)."""
+    if te_available():
+        return {}
+    flags = {"apply_rope_fusion": False, "gradient_accumulation_fusion": False, "no_persist_layer_norm": True}
+    if not torch.cuda.is_available():
+        flags.update(masked_softmax_fusion=False, bias_gelu_fusion=False, bias_swiglu_fusion=False,
+                     bias_dropout_fusion=False, use_cpu_initialization=True)
+    return flags
+
+
 def transformer_config(m: ModelArgs, p: ParallelArgs, t: TrainArgs, fp8: bool = False):
-    """Megatron-Core TransformerConfig for one model of the run.
+    """Megatron-Core TransformerConfig a model of the run is built with on this machine.
 
     fp8: run the transformer layers' GEMMs in FP8 through Transformer Engine
-    (model/fp8.py; the teacher only, with the TE layer spec).
+    (model/fp8.py; the teacher only, with the TE layer spec), as if given
+    --fp8-format e4m3 --fp8-recipe tensorwise.
     """
-    from megatron.core.transformer import TransformerConfig
-
+    from ..config.megatron_args import megatron_namespace, transformer_config_from_namespace
     from .fp8 import TEACHER_FP8_FIELDS
 
-    dtype = torch.bfloat16 if t.bf16 else torch.float32
-    return TransformerConfig(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        num_attention_heads=m.num_attention_heads,
-        ffn_hidden_size=m.ffn_size,
-        num_query_groups=m.query_groups,
-        kv_channels=m.head_dim,
-        normalization=m.normalization,
-        layernorm_epsilon=m.norm_epsilon,
-        gated_linear_unit=m.swiglu,
-        activation_func=F.silu if m.swiglu else F.gelu,
-        add_bias_linear=not m.disable_bias_linear,
-        add_qkv_bias=m.add_qkv_bias,
-        qk_layernorm=m.qk_layernorm,
-        attention_dropout=m.attention_dropout,
-        hidden_dropout=m.hidden_dropout,
-        init_method_std=m.init_method_std,
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        # Uneven stages (Megatron-LM's --decoder-first/last-pipeline-num-layers); each model has its own.
-        num_layers_in_first_pipeline_stage=m.decoder_first_pipeline_num_layers,
-        num_layers_in_last_pipeline_stage=m.decoder_last_pipeline_num_layers,
-        sequence_parallel=p.sequence_parallel,
-        bf16=t.bf16,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        calculate_per_token_loss=t.calculate_per_token_loss,
-        # A stage's p2p tensors carry both models' activations (distill.py);
-        # Megatron's batched isend/irecv misbehaves over gloo (MEGATRON_ON_CPU trap 2).
-        batch_p2p_comm=torch.cuda.is_available(),
-        # Free each sent stage output's data right after the send (Megatron-LM's setting).
-        deallocate_pipeline_outputs=True,
-        **(TEACHER_FP8_FIELDS if fp8 else {}),
-    )
+    ns = megatron_namespace(m, p, t)
+    for dest, value in {**runtime_kernel_flags(), **(TEACHER_FP8_FIELDS if fp8 else {})}.items():
+        setattr(ns, dest, value)
+    config = transformer_config_from_namespace(ns)
+    # A stage's p2p tensors carry both models' activations (distill.py);
+    # Megatron's batched isend/irecv misbehaves over gloo (MEGATRON_ON_CPU trap 2).
+    config.batch_p2p_comm = config.batch_p2p_comm and torch.cuda.is_available()
+    return config
 
 
-def layer_spec(m: ModelArgs, use_te: bool | None = None):
-    """TE layer spec when available (or asked for), else the local spec."""
+def layer_spec(config, use_te: bool | None = None):
+    """TE layer spec when available (or asked for) and --transformer-impl is transformer_engine,
+    else the local spec; the arguments pretrain_gpt.py passes for a dense GPT model."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    use_te = te_available() if use_te is None else use_te
+    if use_te is None:
+        use_te = te_available() and config.transformer_impl == "transformer_engine"
     if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=m.qk_layernorm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=m.qk_layernorm, normalization=m.normalization)
+        return specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=config.qk_layernorm, use_te_activation_func=config.use_te_activation_func)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
 
 
 def build_gpt_stage(m: ModelArgs, p: ParallelArgs, t: TrainArgs, pre_process: bool, post_process: bool,
                     config=None, use_te: bool | None = None, pg_collection=None):
     """The GPTModel layers of this rank's pipeline stage (Megatron's global state
-    decides which layers that is), with a padded vocab-parallel output layer."""
+    decides which layers that is), with a padded vocab-parallel output layer.
+
+    The GPTModel arguments are pretrain_gpt.py's (gpt_builders.py), plus
+    --rope-scaling-factor and --rotary-seq-len-interpolation-factor, which that
+    script does not pass on in Megatron-LM 0.19 (docs/megatron_flags.md)."""
     from megatron.core.models.gpt import GPTModel
 
     config = config or transformer_config(m, p, t)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(m, use_te),
+        transformer_layer_spec=layer_spec(config, use_te),
         vocab_size=m.padded_vocab_size(p.tensor_model_parallel_size),
         max_sequence_length=m.max_position_embeddings or m.seq_length,
         pre_process=pre_process,
@@ -98,5 +119,6 @@ def build_gpt_stage(m: ModelArgs, p: ParallelArgs, t: TrainArgs, pre_process: bo
         rotary_base=m.rotary_base,
         rope_scaling=m.use_rope_scaling,
         rope_scaling_factor=m.rope_scaling_factor,
+        seq_len_interpolation_factor=m.megatron_overrides.get("rotary_seq_len_interpolation_factor"),
         **({"pg_collection": pg_collection} if pg_collection is not None else {}),
     )

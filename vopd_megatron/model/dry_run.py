@@ -49,6 +49,7 @@ buffers, allocator fragmentation, DDP bucket padding (typically a few GiB).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -56,10 +57,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..config.megatron_args import megatron_transformer_config
 from ..config.schema import ConfigError, ModelArgs, RunConfig
 from ..loss.fused_steps import TILE_ELEMENTS
 from ..loss.vocab_parallel import CHUNK_ELEMENTS
-from .builder import build_gpt_stage, transformer_config
+from .builder import attention_env_kept, build_gpt_stage
 
 GiB = 1 << 30
 #: fp32 [rows, V/tp] buffers alive at once inside one loss chunk (stats.local_statistics:
@@ -143,7 +145,7 @@ def dry_run_report(config: RunConfig, world_size: int, num_nodes: int | None = N
     stages, student_total, teacher_total = [], 0, 0
     with _quiet(), _process_group_for_build():
         # Without Megatron's pseudo-free, a stage keeps each sent tensor until its backward.
-        keeps_sent = not transformer_config(config.model, p, t).deallocate_pipeline_outputs
+        keeps_sent = not megatron_transformer_config(config.model, p, t).deallocate_pipeline_outputs
         s_layers, t_layers = config.model.pipeline_stage_layers(pp), config.teacher.pipeline_stage_layers(pp)
         for stage in range(pp):
             s_local, s_full = _meta_counts(config.model, config, stage)
@@ -242,21 +244,31 @@ def _quiet():
             logging.disable(previous)
 
 
+#: TransformerConfig settings of the meta build that change no parameter: Megatron's local layer
+#: spec (plain PyTorch, what runs without a GPU) refuses these where TE would accept them.
+META_BUILD = dict(
+    use_cpu_initialization=True,  # layers allocate with plain torch.empty -> the meta device
+    perform_initialization=False,
+    init_model_with_meta_device=True,  # no first/last-stage embedding all-reduce
+    sequence_parallel=False, persist_layer_norm=False, layernorm_zero_centered_gamma=False,
+    gradient_accumulation_fusion=False, apply_rope_fusion=False, fp8=None,
+)
+
+
 def _meta_counts(m: ModelArgs, config: RunConfig, stage: int) -> tuple[int, int]:
-    """(parameters on TP rank 0 of `stage`, this stage's share of the whole model), built on meta."""
+    """(parameters on TP rank 0 of `stage`, this stage's share of the whole model), built on meta
+    with the run's planned TransformerConfig (Megatron-LM's, as on the GPU target)."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     p, t = config.parallel, config.train
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    tc = transformer_config(m, p, t)
-    tc.use_cpu_initialization = True  # layers allocate with plain torch.empty -> the meta device
-    tc.perform_initialization = False
-    tc.init_model_with_meta_device = True  # no first/last-stage embedding all-reduce
-    tc.sequence_parallel = False  # the local spec's norms refuse it; it changes no parameter
+    tc = copy.copy(megatron_transformer_config(m, p, t))
+    for name, value in META_BUILD.items():
+        setattr(tc, name, value)
     groups = ProcessGroupCollection()
     groups.tp, groups.pp, groups.cp = _GridSlot(tp, 0), _GridSlot(pp, stage), _GridSlot(1, 0)
     groups.embd = groups.pos_embd = None
-    with torch.device("meta"):
+    with torch.device("meta"), attention_env_kept():
         model = build_gpt_stage(m, p, t, pre_process=stage == 0, post_process=stage == pp - 1,
                                 config=tc, use_te=False, pg_collection=groups)
     local = sum(w.numel() for w in model.parameters())

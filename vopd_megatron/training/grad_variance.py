@@ -95,7 +95,12 @@ def main(argv=None):
     from .step import wire_megatron_hooks
     from .train import init_distributed, load_inputs
 
-    run, _ = parse_config(rest + ["--global-batch-size", str(own.prompts)])
+    try:
+        run, _ = parse_config(rest + ["--global-batch-size", str(own.prompts)])
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    # --vopd-top-k is the k of the top-k modes among --modes, whatever --vopd-loss says.
+    top_k, run.distill.vopd_top_k = run.distill.vopd_top_k, None
     modes = own.modes.split(",")
     unknown = set(modes) - set(LOSS_MODES)
     if unknown:
@@ -119,7 +124,7 @@ def main(argv=None):
     if run.checkpoint.load:
         load_model_weights(run.checkpoint.load, models.student)
     result = measure(models, run, inputs.prompts[: own.prompts], modes, own.resamples,
-                     top_k=run.distill.vopd_top_k or 4, seed=run.train.seed, tokenizer=inputs.tokenizer)
+                     top_k=top_k or 4, seed=run.train.seed, tokenizer=inputs.tokenizer)
     if dist.get_rank() == 0:
         for mode, s in result.items():
             print(f"[variance] {mode:10s} total variance {s['total_variance']:.4e} "

@@ -1,7 +1,13 @@
 """Build a run's parallel state, models, optimizer and LR schedule from a RunConfig.
 
 Everything Megatron-specific about construction lives here, so the training
-step and the entry point read like the algorithm.
+step and the entry point read like the algorithm. The typed Megatron configs
+are Megatron-LM's own, rebuilt from the RunConfig (config/megatron_args.py):
+the TransformerConfig (model/builder.py), the DistributedDataParallelConfig
+(get_megatron_ddp_config), the OptimizerConfig with Megatron-LM's standard
+per-parameter overrides (get_megatron_optimizer_config: no weight decay on
+biases and norms, --decoupled-lr), and the LR / weight-decay schedule by
+Megatron-LM's get_optimizer_param_scheduler rules, counted in samples.
 """
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import megatron_args
 from ..config.schema import RunConfig
 from ..model.builder import build_gpt_stage, transformer_config
 from ..model.distill import DistillationStage
@@ -48,7 +55,7 @@ def build_models(run: RunConfig, teacher_seed_offset: int = 1, with_teacher: boo
     distillation stages.
     """
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel
 
     pre = parallel_state.is_pipeline_first_stage()
     post = parallel_state.is_pipeline_last_stage()
@@ -56,11 +63,7 @@ def build_models(run: RunConfig, teacher_seed_offset: int = 1, with_teacher: boo
 
     s_cfg = transformer_config(run.model, run.parallel, run.train)
     student = build_gpt_stage(run.model, run.parallel, run.train, pre, post, config=s_cfg).to(device)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=run.parallel.use_distributed_optimizer,
-    )
+    ddp_config = megatron_args.ddp_config(run.model, run.parallel, run.train)
     if not with_teacher:
         student = DistributedDataParallel(s_cfg, ddp_config, _maybe_fp16(student, s_cfg, run.train.bf16))
         return Models(stages=[], student=[student], teacher=None)
@@ -77,26 +80,22 @@ def build_models(run: RunConfig, teacher_seed_offset: int = 1, with_teacher: boo
 
 
 def build_optimizer(run: RunConfig, student_chunks: list):
-    """Megatron's (distributed) Adam with gradient clipping, and its LR schedule."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    """Megatron's (distributed) optimizer with gradient clipping, and its LR / weight-decay schedule.
+
+    The scheduler counts samples, as Megatron-LM's does: step it by the global
+    batch size after every optimizer step (`scheduler_increment`)."""
+    from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    t = run.train
-    steps_per_iter = run.distill.vopd_updates_per_batch  # the scheduler counts optimizer steps
-    opt_config = OptimizerConfig(
-        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
-        clip_grad=t.clip_grad, bf16=t.bf16,
-        params_dtype=torch.bfloat16 if t.bf16 else torch.float32,
-        use_distributed_optimizer=run.parallel.use_distributed_optimizer,
-    )
-    optimizer = get_megatron_optimizer(opt_config, student_chunks)
-    decay_iters = (t.lr_decay_iters or t.train_iters) * steps_per_iter
-    warmup = t.lr_warmup_iters * steps_per_iter
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if warmup else t.lr, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=warmup, lr_decay_steps=max(decay_iters, warmup + 1),
-        lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
-        wd_incr_steps=max(decay_iters, 1), wd_incr_style="constant",
-    )
-    return optimizer, scheduler
+    opt_config, overrides = megatron_args.optimizer_config(run.model, run.parallel, run.train)
+    optimizer = get_megatron_optimizer(opt_config, student_chunks, config_overrides=overrides)
+    ns = megatron_args.megatron_namespace(run.model, run.parallel, run.train)
+    # The scheduler counts optimizer steps: --vopd-updates-per-batch stretches its horizons.
+    settings = megatron_args.scheduler_settings(ns, updates_per_iteration=run.distill.vopd_updates_per_batch)
+    megatron_args.check_schedule(settings)
+    return optimizer, OptimizerParamScheduler(optimizer, **settings)
+
+
+def scheduler_increment(run: RunConfig) -> int:
+    """Samples one optimizer step advances the schedule by (Megatron-LM's unit)."""
+    return run.train.global_batch_size

@@ -22,12 +22,12 @@ returns `(sum of token losses, completion tokens)`, and `finalize_model_grads`
 divides the summed gradients by the global token count, so the gradient is the
 token mean over the whole batch for any TP/DP/microbatch split.
 
-    vopd-sft --config examples/arithmetic/teacher.yaml --sft-data data/sft.jsonl --save runs/teacher
+    vopd-sft --config examples/arithmetic/config.yaml --which teacher --sft-data data/sft.jsonl \\
+             --train-iters 400 --save runs/teacher --save-interval 400
     torchrun --nproc-per-node 2 -m vopd_megatron.training.sft ... --tensor-model-parallel-size 2
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.prompts import read_records
-from ..errors import DataError, entry_point, reading_inputs
+from ..errors import DataError, UserError, entry_point, reading_inputs
 from .data import Rollout
 
 
@@ -114,10 +114,9 @@ def _forward_step(mask, data_iterator, model):
 def build_student(run):
     """This rank's DDP-wrapped model (the run's `--num-layers` ... shape), optimizer, scheduler."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import (
-        DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
-    )
+    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 
+    from ..config.megatron_args import ddp_config
     from ..model.builder import build_gpt_stage, transformer_config
     from .setup import build_optimizer
 
@@ -125,9 +124,7 @@ def build_student(run):
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     model = build_gpt_stage(run.model, run.parallel, run.train, parallel_state.is_pipeline_first_stage(),
                             parallel_state.is_pipeline_last_stage(), config=cfg).to(device)
-    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=run.parallel.use_distributed_optimizer), model)
+    ddp = DistributedDataParallel(cfg, ddp_config(run.model, run.parallel, run.train), model)
     cfg.no_sync_func = ddp.no_sync
     cfg.grad_sync_func = None
     cfg.finalize_model_grads_func = lambda _m, *a, **kw: finalize_model_grads([ddp], *a, **kw)
@@ -160,21 +157,27 @@ def mean_loss(losses: list[dict]) -> float:
 
 
 def _parse(argv):
+    """(vopd-sft's own flags, RunConfig); the model, training and checkpoint flags are vopd-train's."""
+    from ..config.args import parse_run
+    from ..config.megatron_args import FrontEndParser
+    from ..config.schema import ConfigError
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(prog="vopd-sft", add_help=False, allow_abbrev=False)
+    pre = FrontEndParser(prog="vopd-sft", add_help=False, allow_abbrev=False)
     pre.add_argument("--sft-data", required=True, help="JSONL of {\"prompt\": text, \"completion\": text}")
     pre.add_argument("--which", choices=["student", "teacher"], default="student",
                      help="train the model the flags describe (student) or the one "
                           "--teacher-model-config describes (teacher)")
-    from ..config import parse_config
 
     if "-h" in argv or "--help" in argv:  # vopd-sft's own flags, then the shared model/training flags
         pre.print_help()
         print("\nModel, parallelism, training, checkpoint and logging flags are vopd-train's:\n")
-        parse_config(["--help"])
-    own, rest = pre.parse_known_args(argv)
-
-    run, _ = parse_config(rest)
+        parse_run(["--help"], tool="sft")
+    try:
+        own, rest = pre.parse_known_args(argv)
+        run = parse_run(rest, tool="sft").run
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if own.which == "teacher":
         run = dataclasses.replace(run, model=run.teacher)
     return own, run
@@ -190,15 +193,15 @@ def main(argv=None):
     from .setup import initialize_parallel
     from .train import dp_microbatches, init_distributed, run_eos_id, run_tokenizer
 
-    if not run.data.tokenizer_model:
-        raise SystemExit("error: vopd-sft needs --tokenizer-model (the text is tokenized here)")
     with reading_inputs():  # bad flags or data: a one-line error before anything is built
+        if not run.data.tokenizer_model:
+            raise UserError("vopd-sft needs --tokenizer-model (the text is tokenized here)")
         run.validate(int(os.environ.get("WORLD_SIZE", 1)))
         tokenizer = run_tokenizer(run)
         eos = run_eos_id(run, tokenizer)
         rows = ShuffledRows(load_sft_rows(own.sft_data, tokenizer, eos, run.model.seq_length), run.train.seed)
 
-    init_distributed()
+    init_distributed(run.parallel.distributed_timeout_minutes)
     initialize_parallel(run)
     model, optimizer, scheduler = build_student(run)
     if run.checkpoint.load:  # weights only: continue from an earlier stage with a fresh optimizer
@@ -218,7 +221,7 @@ def main(argv=None):
         with at_iteration(it):  # a non-finite gradient stops the run before any save
             check_step(SimpleNamespace(metrics=None, skipped=not ok, grad_norm=float(grad_norm or 0.0)), batch,
                        grad_norm_known=grad_norm is not None and run.train.clip_grad > 0)
-        scheduler.step(increment=1)
+        scheduler.step(increment=run.train.global_batch_size)  # Megatron-LM counts samples
         if losses and (it % run.logging.log_interval == 0 or it == run.train.train_iters):
             loss = mean_loss(losses)  # a DP collective: every last-stage rank computes it
             norm = float("nan") if grad_norm is None else float(grad_norm)  # None: --clip-grad 0

@@ -117,7 +117,7 @@ def train_step(models, optimizer, scheduler, microbatches: list[dict], run: RunC
     ok, grad_norm, _ = optimizer.step()
     result.skipped = not ok
     result.grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-    scheduler.step(increment=1)
+    scheduler.step(increment=run.train.global_batch_size)  # Megatron-LM counts samples
     result.lr = optimizer.param_groups[0]["lr"]
     result.metrics = batch_metrics(losses)
     result.num_tokens = int(round(result.metrics.pop("_tokens", 0)))

@@ -19,8 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..config import parse_config
-from ..config.args import to_flat_dict
+from ..config.args import parse_run, to_flat_dict
+from ..config.schema import ConfigError
 from ..data import check_compatible, check_vocab_fits, load_prompt_dataset, load_tokenizer
 from ..errors import entry_point, reading_inputs
 from ..net import free_local_port
@@ -28,8 +28,9 @@ from .data import JsonlRolloutSource, collate, rollout_stats
 from .faults import at_iteration, check_step
 
 
-def init_distributed() -> int:
-    """Default process group from torchrun's environment (or a 1-process one)."""
+def init_distributed(timeout_minutes: int = 10) -> int:
+    """Default process group from torchrun's environment (or a 1-process one);
+    timeout_minutes: --distributed-timeout-minutes (Megatron-LM's default 10)."""
     from ..megatron import cpu_compat
 
     cpu_compat.enable()  # no-op with CUDA
@@ -38,7 +39,7 @@ def init_distributed() -> int:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_local_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=30))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=timeout_minutes))
     return dist.get_world_size()
 
 
@@ -80,7 +81,7 @@ class RunInputs:
     prompts: list[list[int]] | None  # --prompt-data, tokenized
     prompt_rows: list[str] | None  # where each prompt is in --prompt-data (for messages)
     rollout_file: JsonlRolloutSource | None  # --rollout-data
-    eval_problems: list | None  # --eval-data (only when --eval-interval > 0)
+    eval_problems: list | None  # --eval-data (only when --eval-every > 0)
 
 
 def load_inputs(run, evaluate: bool) -> RunInputs:
@@ -161,34 +162,58 @@ def rank0_print(message: str) -> None:
         print(message, flush=True)
 
 
-def dry_run(run, ns, world_size):
+def dry_run(run, ns) -> None:
     from ..model.dry_run import dry_run_report, format_report
 
-    report = dry_run_report(run, world_size, num_nodes=ns.num_nodes)
+    report = dry_run_report(run, ns.world_size, num_nodes=ns.num_nodes)
     print(format_report(report, gpu_memory_gb=ns.gpu_memory_gb))
+    missing = [flag for flag, given in (("--lr", run.train.lr is not None),
+                                        ("--train-iters (or --train-samples)", bool(run.train.train_iters)),
+                                        ("--prompt-data or --rollout-data", run.data.prompt_data or run.data.rollout_data))
+               if not given]
+    if missing:
+        print(f"note: the run itself also needs {', '.join(missing)}")
+    if run.parallel.tensor_model_parallel_size > 1:
+        print("note: Megatron-LM requires CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment at TP > 1 before Blackwell")
+
+
+def should_exit(run, iteration: int, started: float) -> str | None:
+    """Megatron-LM's --exit-interval / --exit-duration-in-mins: why to save and stop now, or None.
+    The duration is agreed on by every rank (the slowest clock decides), as Megatron-LM does."""
+    t = run.train
+    if t.exit_interval and iteration % t.exit_interval == 0:
+        return f"--exit-interval {t.exit_interval}"
+    if t.exit_duration_in_mins:
+        late = torch.tensor([float((time.time() - started) / 60 > t.exit_duration_in_mins)])
+        if torch.cuda.is_available():
+            late = late.cuda()
+        dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        if late.item():
+            return f"--exit-duration-in-mins {t.exit_duration_in_mins}"
+    return None
 
 
 @entry_point
 def main(argv=None):
-    run, ns = parse_config(argv)
-    if ns.dry_run:  # no process group, no weights: validate and estimate
-        world = ns.world_size or (ns.num_nodes * ns.gpus_per_node if ns.num_nodes
-                                  else int(os.environ.get("WORLD_SIZE", 1)))
-        run.validate(world)
-        return dry_run(run, ns, world)
-    if not (run.data.rollout_data or run.data.prompt_data):
-        raise SystemExit("error: give --prompt-data (on-policy: the student samples) "
-                         "or --rollout-data (rollouts from an external sampler)")
+    started = time.time()
     with reading_inputs():  # bad flags or data: a one-line error before anything is built
-        run.validate(int(os.environ.get("WORLD_SIZE", 1))).check_runtime()
-        inputs = load_inputs(run, evaluate=bool(run.eval.eval_interval))
+        parsed = parse_run(argv, tool="train")
+        run, ns = parsed.run, parsed.namespace
+        if ns.dry_run:  # no process group, no weights: validate and estimate
+            run.validate(ns.world_size)
+            return dry_run(run, ns)
+        if not (run.data.rollout_data or run.data.prompt_data):
+            raise ConfigError("give --prompt-data (on-policy: the student samples) "
+                              "or --rollout-data (rollouts from an external sampler)")
+        run.validate(ns.world_size).check_runtime()
+        inputs = load_inputs(run, evaluate=bool(run.eval.eval_every))
 
     from .checkpoint import load_checkpoint, load_model_weights, save_checkpoint
     from .logging import StepLogger
     from .setup import build_models, build_optimizer, initialize_parallel
     from .step import train_step, wire_megatron_hooks
 
-    world = init_distributed()
+    world = init_distributed(run.parallel.distributed_timeout_minutes)
     initialize_parallel(run)
     models = build_models(run)
     optimizer, scheduler = build_optimizer(run, models.student)
@@ -220,7 +245,7 @@ def main(argv=None):
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     loss_config = run.distill.loss_config()
-    interval = run.eval.eval_interval
+    interval = run.eval.eval_every
     if evaluator is not None and start == 0:  # the baseline before any update
         logger.log_eval(0, evaluator.evaluate().metrics)
     for iteration in range(start + 1, run.train.train_iters + 1):
@@ -235,12 +260,16 @@ def main(argv=None):
         result.seconds["rollout"] = rollout_s
         result.metrics.update(rollout_stats(rollouts))
         logger.log(iteration, result)
-        last = iteration == run.train.train_iters
+        stop = should_exit(run, iteration, started)
+        last = iteration == run.train.train_iters or stop is not None
         if evaluator is not None and (iteration % interval == 0 or last):
             logger.log_eval(iteration, evaluator.evaluate().metrics)
         if ck.save and ((ck.save_interval and iteration % ck.save_interval == 0) or last):
             save_checkpoint(ck.save, iteration, models.student, optimizer, scheduler,
                             {"iteration": iteration, "consumed_samples": source.consumed})
+        if stop is not None:
+            rank0_print(f"[vopd] stopping after iteration {iteration} ({stop})")
+            break
     logger.close()
     dist.barrier()
     dist.destroy_process_group()
