@@ -76,12 +76,17 @@ def build_models(run: RunConfig, teacher_seed_offset: int = 1, with_teacher: boo
 
 
 def build_optimizer(run: RunConfig, student_chunks: list):
-    """Megatron's (distributed) Adam with gradient clipping, and its LR schedule."""
+    """Megatron's (distributed) Adam with gradient clipping, and its LR schedule.
+
+    The scheduler steps by the global batch size per optimizer step (`scheduler_increment`).
+    """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     t = run.train
-    steps_per_iter = run.distill.vopd_updates_per_batch  # the scheduler counts optimizer steps
+    # Megatron-LM's schedule counts samples (lr_*_iters x global batch): its checkpoints' schedules
+    # load here and ours in Megatron-LM. Each of the --vopd-updates-per-batch steps takes a batch.
+    samples_per_iter = t.global_batch_size * run.distill.vopd_updates_per_batch
     opt_config = OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
@@ -90,12 +95,17 @@ def build_optimizer(run: RunConfig, student_chunks: list):
         use_distributed_optimizer=run.parallel.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, student_chunks)
-    decay_iters = (t.lr_decay_iters or t.train_iters) * steps_per_iter
-    warmup = t.lr_warmup_iters * steps_per_iter
+    decay = (t.lr_decay_iters or t.train_iters) * samples_per_iter
+    warmup = t.lr_warmup_iters * samples_per_iter
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if warmup else t.lr, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=warmup, lr_decay_steps=max(decay_iters, warmup + 1),
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=max(decay, warmup + 1),
         lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
-        wd_incr_steps=max(decay_iters, 1), wd_incr_style="constant",
+        wd_incr_steps=max(t.train_iters * samples_per_iter, 1), wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+def scheduler_increment(run: RunConfig) -> int:
+    """Samples per optimizer step, what the LR scheduler counts (as in Megatron-LM)."""
+    return run.train.global_batch_size

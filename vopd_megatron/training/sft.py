@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from ..data.prompts import read_records
 from .data import Rollout
+from .setup import scheduler_increment
 
 
 def load_sft_rows(path, tokenizer, eos_id: int | None, seq_length: int) -> list[Rollout]:
@@ -208,7 +209,7 @@ def main(argv=None):
         optimizer.zero_grad()
         losses = sft_forward_backward(model, microbatches, run)
         _, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
+        scheduler.step(increment=scheduler_increment(run))
         if losses and (it % run.logging.log_interval == 0 or it == run.train.train_iters):
             loss = mean_loss(losses)  # a DP collective: every last-stage rank computes it
             if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:

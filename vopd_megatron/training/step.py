@@ -20,6 +20,7 @@ from ..config.schema import RunConfig
 from ..loss import LossConfig, summarize_metrics
 from ..megatron.loss_adapter import make_loss_func
 from ..model.distill import p2p_shape_adjuster
+from .setup import scheduler_increment
 
 
 @dataclass
@@ -103,7 +104,7 @@ def train_step(models, optimizer, scheduler, microbatches: list[dict], run: RunC
     ok, grad_norm, _ = optimizer.step()
     result.skipped = not ok
     result.grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-    scheduler.step(increment=1)
+    scheduler.step(increment=scheduler_increment(run))
     result.lr = optimizer.param_groups[0]["lr"]
     result.metrics = batch_metrics(losses)
     result.num_tokens = int(round(result.metrics.pop("_tokens", 0)))

@@ -24,6 +24,8 @@ from ..config.args import to_flat_dict
 from ..config.schema import ConfigError
 from ..data import check_compatible, load_prompt_dataset, load_tokenizer
 from ..net import free_local_port
+from .checkpoint_files import CheckpointError
+from .checkpoint_preflight import preflight_train
 from .data import JsonlRolloutSource, collate, rollout_stats
 
 
@@ -155,13 +157,15 @@ def main(argv=None):
     if not (run.data.rollout_data or run.data.prompt_data):
         raise SystemExit("error: give --prompt-data (on-policy: the student samples) "
                          "or --rollout-data (rollouts from an external sampler)")
-    try:  # bad flags or data: a one-line error before anything is built
+    try:  # bad flags, data or checkpoint paths: a one-line error before anything is built
         run.validate(int(os.environ.get("WORLD_SIZE", 1))).check_runtime()
+        preflight_train(run)
         inputs = load_inputs(run, evaluate=bool(run.eval.eval_interval))
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as exc:
         raise SystemExit(f"error: {exc}") from None
 
     from .checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+    from .megatron_format import megatron_namespace
     from .logging import StepLogger
     from .setup import build_models, build_optimizer, initialize_parallel
     from .step import train_step, wire_megatron_hooks
@@ -173,14 +177,15 @@ def main(argv=None):
     wire_megatron_hooks(models, run)
     ck = run.checkpoint
     if ck.teacher_load:
-        load_model_weights(ck.teacher_load, [models.teacher])
+        load_model_weights(ck.teacher_load, [models.teacher], fallback=ck.checkpoint_fallback)
     elif dist.get_rank() == 0:
         print("[vopd] warning: no --teacher-load: the teacher keeps its random initialisation", flush=True)
     state = None
     if ck.load and ck.finetune:  # weights only: a converted or pretrained student
-        load_model_weights(ck.load, models.student)
-    elif ck.load:
-        state = load_checkpoint(ck.load, models.student, optimizer, scheduler)
+        load_model_weights(ck.load, models.student, fallback=ck.checkpoint_fallback)
+    elif ck.load:  # ours or Megatron-LM's; None: --load is --save and holds nothing yet
+        state = load_checkpoint(ck.load, models.student, optimizer, scheduler, fallback=ck.checkpoint_fallback)
+    ckpt_args = megatron_namespace(models.student, run)  # what Megatron-LM reads back from our saves
     start = state["iteration"] if state else 0
     source = rollout_source(run, models, inputs)
     source.seek(state["consumed_samples"] if state else 0)
@@ -216,7 +221,8 @@ def main(argv=None):
             logger.log_eval(iteration, evaluator.evaluate().metrics)
         if ck.save and ((ck.save_interval and iteration % ck.save_interval == 0) or last):
             save_checkpoint(ck.save, iteration, models.student, optimizer, scheduler,
-                            {"iteration": iteration, "consumed_samples": source.consumed})
+                            {"iteration": iteration, "consumed_samples": source.consumed,
+                             "vopd_loss": run.distill.vopd_loss}, args=ckpt_args)
     logger.close()
     dist.barrier()
     dist.destroy_process_group()
