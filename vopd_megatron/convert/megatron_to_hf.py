@@ -2,20 +2,24 @@
 
     vopd-convert megatron-to-hf --load ckpt/llama8b --out hf/llama8b [--config model.yaml]
 
-Reads the newest complete checkpoint under `--load` (a converted one, or one
-`vopd-train` saved at any TP/PP: stored chunks are reassembled per layer).
-The HF config is the one the checkpoint was converted from when it has one
-(restored verbatim), else it is derived from the model flags (`--config`,
-Megatron-LM flag names; family from the flags or `--model-type`). Padded
-vocabulary rows are dropped.
+Reads the newest intact checkpoint under `--load` (a converted one, or one
+`vopd-train` or Megatron-LM saved at any TP/PP: stored chunks are reassembled
+per layer; a damaged newest iteration is skipped with a warning naming the
+file). The HF config is the one the checkpoint was converted from when it has
+one (restored verbatim), else it is derived from the model flags (`--config`,
+Megatron-LM flag names), else from the Megatron-LM `args` the checkpoint
+records; the family comes from the flags or `--model-type`. Padded vocabulary
+rows are dropped.
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
 
 from ..config.schema import ModelArgs
-from ..training import checkpoint as ckpt
+from ..training.checkpoint_files import find_latest
+from ..training.megatron_format import model_flags_from_args
 from . import mappings as mp
 from .dcp_io import ChunkReader
 from .hf_config import ConversionError, flags_to_model_args, hf_config_to_model_args, model_args_to_hf_config
@@ -27,6 +31,8 @@ def _resolve_model(common: dict, model_args: ModelArgs | None, model_type: str |
     if origin is not None and model_args is None:
         cfg = origin["hf_config"]
         return flags_to_model_args(origin["model_flags"]), cfg
+    if model_args is None and common.get("args") is not None:  # a Megatron-LM (or vopd-train) checkpoint
+        model_args = flags_to_model_args(model_flags_from_args(common["args"]))
     if model_args is None:
         raise ConversionError("this checkpoint was not converted from Hugging Face: pass the model's flags "
                               "(--config model.yaml) so its shape is known")
@@ -38,13 +44,14 @@ def _resolve_model(common: dict, model_args: ModelArgs | None, model_type: str |
 def convert_megatron_to_hf(load_dir: str, out_dir: str, *, model_args: ModelArgs | None = None,
                            model_type: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Convert the newest complete checkpoint under `load_dir`; returns the safetensors files written."""
-    from megatron.core.dist_checkpointing import load_common_state_dict
-
-    iteration = ckpt.latest_iteration(load_dir)
-    if iteration is None:
-        raise ConversionError(f"{load_dir} holds no complete vopd_megatron checkpoint")
-    path = ckpt.checkpoint_dir(load_dir, iteration)
-    m, cfg = _resolve_model(load_common_state_dict(path), model_args, model_type)
+    found = find_latest(load_dir)
+    if found.path is None:
+        detail = "".join(f"\n  {note}" for note in found.notes)
+        raise ConversionError(f"{load_dir} holds no complete torch_dist checkpoint{detail}")
+    for note in found.notes:
+        warnings.warn(f"{load_dir}: {note}; converting iteration {found.iteration}", stacklevel=2)
+    path = found.path
+    m, cfg = _resolve_model(found.common, model_args, model_type)
     reader = ChunkReader(path)
     if reader.shape(mp.LAYER + mp.layer_tensors(m)[0].key)[0] != m.num_layers:
         raise ConversionError(f"{path} has {reader.shape(mp.LAYER + mp.layer_tensors(m)[0].key)[0]} layers, "
