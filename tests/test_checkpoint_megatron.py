@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -251,28 +252,95 @@ def pool2(gloo_pools):
     return gloo_pools(2)
 
 
-def _last_metrics(tb_dir: Path) -> list[dict]:
+def _metrics_lines(tb_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (tb_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_vopd_train_resumes_a_megatron_lm_checkpoint(pool2, tmp_path):
-    student, teacher = tmp_path / "mlm_student", tmp_path / "mlm_teacher"
-    expected = pool2.run(case_megatron_lm_saves, str(student), str(teacher))[0]
-    assert not (student / "iter_0000001" / "vopd_checkpoint_complete.json").exists()  # Megatron-LM's, not ours
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
+    return out
 
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "vopd_megatron.training.train",
-         *VOPD_TRAIN_FLAGS, "--load", str(student), "--teacher-load", str(teacher),
-         "--save", str(tmp_path / "vopd"), "--tensorboard-dir", str(tmp_path / "tb")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    assert "iterations 2..2" in out.stdout  # resumed after Megatron-LM's iteration 1
-    (first,) = _last_metrics(tmp_path / "tb")
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+
+
+@pytest.fixture(scope="module")
+def megatron_lm_then_vopd(pool2, tmp_path_factory):
+    """Megatron-LM saves a student (iteration 1) and a teacher; vopd-train resumes the student to iteration 2."""
+    tmp = tmp_path_factory.mktemp("interop")
+    student, teacher = tmp / "mlm_student", tmp / "mlm_teacher"
+    expected = pool2.run(case_megatron_lm_saves, str(student), str(teacher))[0]
+    out = _run(TORCHRUN + ["-m", "vopd_megatron.training.train", *VOPD_TRAIN_FLAGS, "--load", str(student),
+                           "--teacher-load", str(teacher), "--save", str(tmp / "vopd"),
+                           "--tensorboard-dir", str(tmp / "tb")])
+    return dict(dir=tmp, expected=expected, stdout=out.stdout)
+
+
+def test_vopd_train_resumes_a_megatron_lm_checkpoint(megatron_lm_then_vopd):
+    run = megatron_lm_then_vopd
+    assert not (run["dir"] / "mlm_student/iter_0000001/vopd_checkpoint_complete.json").exists()  # Megatron-LM's
+    assert "iterations 2..2" in run["stdout"]  # resumed after Megatron-LM's iteration 1
+    (first,) = _metrics_lines(run["dir"] / "tb")
     assert first["iteration"] == 2
-    assert first["loss"] == pytest.approx(expected["loss"], rel=1e-5, abs=1e-7)
-    assert first["kl"] == pytest.approx(expected["kl"], rel=1e-5)
-    assert (tmp_path / "vopd" / "iter_0000002").is_dir()
+    assert first["loss"] == pytest.approx(run["expected"]["loss"], rel=1e-5, abs=1e-7)
+    assert first["kl"] == pytest.approx(run["expected"]["kl"], rel=1e-5)
+
+
+def case_example_reference(student_dir: str, teacher_dir: str, first_sample: int) -> dict:
+    """The reference loss of the example's synthetic global batch starting at `first_sample`,
+    on the weights of the checkpoints it loads."""
+    import importlib.util
+
+    from vopd_megatron.config import parse_config
+    from vopd_megatron.training.checkpoint import load_model_weights
+    from vopd_megatron.training.setup import build_models, initialize_parallel
+
+    spec = importlib.util.spec_from_file_location("example", ROOT / "examples/pretrain_with_vopd_loss.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    samples = [example.synthetic_sample(i, 64, VOCAB, seed=0) for i in range(first_sample, first_sample + GBS)]
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    run, _ = parse_config(VOPD_TRAIN_FLAGS)
+    initialize_parallel(run)
+    try:
+        models = build_models(run)
+        load_model_weights(student_dir, models.student)
+        load_model_weights(teacher_dir, [models.teacher])
+        return _reference_loss(models.student[0].module, models.teacher, batch)
+    finally:
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+
+
+def _megatron_log(stdout: str, iteration: int, total: int) -> dict:
+    """The `name: value` fields of Megatron-LM's log line for `iteration`."""
+    line = next(l for l in stdout.splitlines() if f"iteration {iteration:8d}/{total:8d}" in l)
+    return {k.strip(): float(v) for k, v in re.findall(r"\|\s*([^|:]+):\s+([-+0-9.eE]+)\s*(?=\|)", line)}
+
+
+def test_megatron_lm_pretrain_trains_on_from_a_vopd_checkpoint_with_our_loss(pool2, megatron_lm_then_vopd):
+    """examples/pretrain_with_vopd_loss.py: Megatron-LM's `pretrain` with our loss_func resumes the
+    vopd-train checkpoint (shape from its args, --no-load-rng) and trains iterations 3-4; its first
+    logged loss is the reference loss of the same weights and batch."""
+    d = megatron_lm_then_vopd["dir"]
+    out = _run(TORCHRUN + [
+        "examples/pretrain_with_vopd_loss.py", "--cpu", "--tensor-model-parallel-size", "2",
+        "--use-checkpoint-args", "--load", str(d / "vopd"), "--no-load-rng", "--teacher-load", str(d / "mlm_teacher"),
+        "--teacher-num-layers", "4", "--teacher-hidden-size", "96", "--teacher-ffn-hidden-size", "384",
+        "--vocab-size", str(VOCAB), "--micro-batch-size", str(MBS), "--global-batch-size", str(GBS),
+        "--train-iters", "4", "--lr", "3e-4", "--min-lr", "3e-5", "--lr-decay-style", "cosine",
+        "--weight-decay", "0.0", "--use-checkpoint-opt-param-scheduler", "--calculate-per-token-loss",
+        "--eval-interval", "1000", "--eval-iters", "0", "--log-interval", "1",
+    ])
+    assert "loading distributed checkpoint" in out.stdout and "at iteration 2" in out.stdout
+    first, second = _megatron_log(out.stdout, 3, 4), _megatron_log(out.stdout, 4, 4)
+    assert first["consumed samples"] == 3 * GBS and second["consumed samples"] == 4 * GBS
+    expected = pool2.run(case_example_reference, str(d / "vopd"), str(d / "mlm_teacher"), 2 * GBS)[0]
+    assert first["loss"] == pytest.approx(expected["loss"], rel=2e-5, abs=1e-6)  # logged as %.6E
+    assert first["kl"] == pytest.approx(expected["kl"], rel=2e-5)
 
 
 def test_megatron_lm_loads_our_checkpoint_bit_identically(pool2, tmp_path):
