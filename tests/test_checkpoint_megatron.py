@@ -357,3 +357,74 @@ def test_megatron_lm_loads_our_checkpoint_bit_identically(pool2, tmp_path):
             for key, value in state.items():
                 assert torch.equal(torch.as_tensor(loaded["moments"][name][key]), torch.as_tensor(value)), (name, key)
         assert loaded["draws"] == saved["draws"]  # Megatron-LM restored the RNG streams we saved
+
+
+# --- resuming with other flags: one line before anything is built (entry points called in-process) ---
+
+
+def _cli_error(main, argv) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert not dist.is_initialized()  # refused before any process group (or model) existed
+    return str(info.value)
+
+
+def test_resume_and_path_errors_before_the_build(megatron_lm_then_vopd, monkeypatch, tmp_path):
+    from vopd_megatron.eval.cli import main as eval_main
+    from vopd_megatron.training.train import main as train_main
+
+    monkeypatch.chdir(ROOT)
+    d = megatron_lm_then_vopd["dir"]
+    resume = [*VOPD_TRAIN_FLAGS, "--load", str(d / "vopd"), "--teacher-load", str(d / "mlm_teacher")]
+    error = _cli_error(train_main, resume + ["--train-iters", "3", "--vopd-loss", "opd"])
+    assert error.startswith("error: --vopd-loss opd differs from the loss vopd") and "iteration 2" in error
+    error = _cli_error(train_main, resume)  # --train-iters 2: the checkpoint is at iteration 2
+    assert error.startswith("error: --train-iters 2 leaves nothing to train") and str(d / "vopd") in error
+    error = _cli_error(train_main, [*VOPD_TRAIN_FLAGS, "--teacher-load", str(d / "mlm_student")])
+    assert error.startswith(f"error: --teacher-load {d / 'mlm_student'} holds a model of another shape")
+    assert "--num-layers: checkpoint 2, this run 4" in error and "--teacher-model-config" in error
+    missing = tmp_path / "typo"
+    error = _cli_error(train_main, [*VOPD_TRAIN_FLAGS, "--load", str(missing), "--save", str(tmp_path / "out")])
+    assert error == f"error: --load {missing} does not exist"
+    error = _cli_error(eval_main, ["--config", "examples/tiny/config.yaml", "--load", str(missing),
+                                   "--eval-data", "examples/tiny/eval.jsonl"])
+    assert error == f"error: --load {missing} does not exist"
+    assert not missing.exists() and not (tmp_path / "out").exists()
+
+
+def test_megatron_lm_checkpoint_converts_to_hf_without_flags(megatron_lm_then_vopd, tmp_path):
+    """vopd-convert megatron-to-hf reads the model shape from the args Megatron-LM recorded."""
+    from vopd_megatron.convert import convert_megatron_to_hf
+    from vopd_megatron.convert.dcp_io import ChunkReader
+    from vopd_megatron.convert.hf_io import HFCheckpoint
+
+    src = megatron_lm_then_vopd["dir"] / "mlm_student"
+    convert_megatron_to_hf(str(src), str(tmp_path / "hf"))
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (cfg["model_type"], cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"],
+            cfg["num_attention_heads"], cfg["vocab_size"], cfg["tie_word_embeddings"]) == \
+        ("llama", 2, 64, 256, 4, VOCAB, False)
+    stored = ChunkReader(str(src / "iter_0000001"))
+    hf = HFCheckpoint(str(tmp_path / "hf"))
+    assert torch.equal(hf.get("model.embed_tokens.weight"), stored.read("embedding.word_embeddings.weight")[:VOCAB])
+    assert torch.equal(hf.get("lm_head.weight"), stored.read("output_layer.weight")[:VOCAB])
+
+
+def test_recorded_model_shape_round_trips_through_megatron_lm_args():
+    """What a checkpoint records (`args` from Megatron-LM's parser) reads back as the same model shape."""
+    import dataclasses
+
+    from vopd_megatron.config.schema import ModelArgs
+    from vopd_megatron.training.checkpoint_preflight import recorded_model, shape_mismatches
+    from vopd_megatron.training.megatron_format import namespace_from_model_args
+
+    llama_like = ModelArgs(num_layers=4, hidden_size=128, num_attention_heads=8, num_query_groups=2,
+                           ffn_hidden_size=344, kv_channels=32, vocab_size=1000, normalization="RMSNorm",
+                           norm_epsilon=1e-6, swiglu=True, disable_bias_linear=True, add_qkv_bias=True,
+                           qk_layernorm=True, rotary_base=500000, use_rope_scaling=True,
+                           untie_embeddings_and_output_weights=True)
+    back = recorded_model({"args": namespace_from_model_args(llama_like)})
+    assert dataclasses.asdict(back) == {**dataclasses.asdict(llama_like), "seq_length": back.seq_length}
+    wider = dataclasses.replace(llama_like, hidden_size=256, num_query_groups=None)
+    assert shape_mismatches(back, wider) == ["--hidden-size: checkpoint 128, this run 256",
+                                             "--num-query-groups: checkpoint 2, this run 8"]

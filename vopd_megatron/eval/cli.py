@@ -57,11 +57,15 @@ def main(argv=None):
     from ..training.train import init_distributed, rank0_print, run_tokenizer
     from .runner import build_evaluator, load_run_problems
 
-    try:  # bad flags or data: a one-line error before anything is built
+    from ..training.checkpoint_files import CheckpointError
+    from ..training.checkpoint_preflight import preflight_weights
+
+    try:  # bad flags, data or checkpoint paths: a one-line error before anything is built
         run.validate(int(os.environ.get("WORLD_SIZE", 1))).check_runtime()
+        preflight_weights(run)
         tokenizer = run_tokenizer(run)
         problems = load_run_problems(run, tokenizer, log=rank0_print)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as exc:
         raise SystemExit(f"error: {exc}") from None
 
     from ..training.checkpoint import load_model_weights
@@ -71,9 +75,9 @@ def main(argv=None):
     try:
         initialize_parallel(run)
         models = build_models(run, with_teacher=bool(ck.teacher_load))
-        iteration = load_model_weights(ck.load, models.student)
+        iteration = load_model_weights(ck.load, models.student, fallback=ck.checkpoint_fallback)
         if ck.teacher_load:
-            load_model_weights(ck.teacher_load, [models.teacher])
+            load_model_weights(ck.teacher_load, [models.teacher], fallback=ck.checkpoint_fallback)
         evaluator = build_evaluator(run, models, tokenizer, problems)
         result = evaluator.evaluate()
         n, k = e.eval_samples, e.eval_pass_k or e.eval_samples

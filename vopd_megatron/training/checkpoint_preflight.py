@@ -102,39 +102,46 @@ def model_params(m) -> int:
 
 # --- what a checkpoint records, against this run -----------------------------------------------
 
-_SHAPE_FLAGS = (  # (Megatron-LM args name, flag, ModelArgs value)
-    ("num_layers", "--num-layers", lambda m: m.num_layers),
-    ("hidden_size", "--hidden-size", lambda m: m.hidden_size),
-    ("num_attention_heads", "--num-attention-heads", lambda m: m.num_attention_heads),
-    ("ffn_hidden_size", "--ffn-hidden-size", lambda m: m.ffn_size),
-    ("kv_channels", "--kv-channels", lambda m: m.head_dim),
-    ("swiglu", "--swiglu", lambda m: m.swiglu),
-    ("normalization", "--normalization", lambda m: m.normalization),
-    ("untie_embeddings_and_output_weights", "--untie-embeddings-and-output-weights",
-     lambda m: m.untie_embeddings_and_output_weights),
+_SHAPE_FLAGS = (  # (flag, the ModelArgs value it sets)
+    ("--num-layers", lambda m: m.num_layers),
+    ("--hidden-size", lambda m: m.hidden_size),
+    ("--num-attention-heads", lambda m: m.num_attention_heads),
+    ("--num-query-groups", lambda m: m.query_groups),
+    ("--ffn-hidden-size", lambda m: m.ffn_size),
+    ("--kv-channels", lambda m: m.head_dim),
+    ("--swiglu", lambda m: m.swiglu),
+    ("--normalization", lambda m: m.normalization),
+    ("--untie-embeddings-and-output-weights", lambda m: m.untie_embeddings_and_output_weights),
 )
 
 
-def shape_mismatches(args, m) -> list[str]:
-    """Flags on which a checkpoint's recorded model shape (Megatron-LM `args`) and ModelArgs `m` differ."""
-    if args is None:
+def recorded_model(common: dict | None):
+    """The model shape (ModelArgs) a checkpoint records: the converter's flags, or the Megatron-LM
+    `args` (Megatron-LM's own checkpoints and vopd-train's); None when it records none."""
+    from argparse import Namespace
+
+    from ..convert.hf_config import flags_to_model_args
+    from .megatron_format import model_flags_from_args
+
+    common = common or {}
+    if isinstance(common.get("vopd_convert"), dict):
+        return flags_to_model_args(common["vopd_convert"]["model_flags"])
+    if isinstance(common.get("args"), Namespace):
+        return flags_to_model_args(model_flags_from_args(common["args"]))
+    return None
+
+
+def shape_mismatches(saved, m) -> list[str]:
+    """The flags on which the recorded shape `saved` and this run's ModelArgs `m` differ."""
+    if saved is None:
         return []
-    out = []
-    for name, flag, value in _SHAPE_FLAGS:
-        saved = getattr(args, name, None)
-        if saved is not None and saved != value(m):
-            out.append(f"{flag}: checkpoint {saved}, this run {value(m)}")
-    groups = getattr(args, "num_query_groups", None) if getattr(args, "group_query_attention", False) \
-        else getattr(args, "num_attention_heads", None)
-    if groups is not None and groups != m.query_groups:
-        out.append(f"--num-query-groups: checkpoint {groups}, this run {m.query_groups}")
-    return out
+    return [f"{flag}: checkpoint {value(saved)}, this run {value(m)}"
+            for flag, value in _SHAPE_FLAGS if value(saved) != value(m)]
 
 
 def check_architecture(found: Found, m, flag: str, config_hint: str) -> None:
     """A checkpoint whose recorded shape differs from ModelArgs `m` is an error naming the flags."""
-    args = (found.common or {}).get("args")
-    wrong = shape_mismatches(args, m)
+    wrong = shape_mismatches(recorded_model(found.common), m)
     if wrong:
         raise CheckpointError(f"{flag} {os.path.dirname(found.path)} holds a model of another shape "
                               f"({'; '.join(wrong)}); set {config_hint} to the checkpoint's shape")

@@ -58,33 +58,53 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _flags(values: dict, switches: dict) -> list[str]:
+    """`--name value` for the values that are set, `--name` for the switches that are on."""
+    flags = [f for k, v in values.items() if v is not None for f in (_flag(k), str(v))]
+    return flags + [_flag(k) for k, on in switches.items() if on]
+
+
 def flags_from_model(chunk) -> list[str]:
     """Megatron-LM flags that rebuild the shape of `chunk` (a GPTModel, wrapped or not)."""
     from megatron.core.utils import unwrap_model
 
     gpt = unwrap_model(chunk)
     c = gpt.config
-    values = dict(
-        num_layers=c.num_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
-        ffn_hidden_size=c.ffn_hidden_size, kv_channels=c.kv_channels, normalization=c.normalization,
-        norm_epsilon=c.layernorm_epsilon, init_method_std=c.init_method_std,
-        attention_dropout=c.attention_dropout, hidden_dropout=c.hidden_dropout,
-        max_position_embeddings=getattr(gpt, "max_sequence_length", None),
-        position_embedding_type=getattr(gpt, "position_embedding_type", None),
-        decoder_first_pipeline_num_layers=c.num_layers_in_first_pipeline_stage,
-        decoder_last_pipeline_num_layers=c.num_layers_in_last_pipeline_stage,
+    gqa = c.num_query_groups not in (None, c.num_attention_heads)
+    return _flags(
+        dict(num_layers=c.num_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
+             num_query_groups=c.num_query_groups if gqa else None,
+             ffn_hidden_size=c.ffn_hidden_size, kv_channels=c.kv_channels, normalization=c.normalization,
+             norm_epsilon=c.layernorm_epsilon, init_method_std=c.init_method_std,
+             attention_dropout=c.attention_dropout, hidden_dropout=c.hidden_dropout,
+             max_position_embeddings=getattr(gpt, "max_sequence_length", None),
+             position_embedding_type=getattr(gpt, "position_embedding_type", None),
+             decoder_first_pipeline_num_layers=c.num_layers_in_first_pipeline_stage,
+             decoder_last_pipeline_num_layers=c.num_layers_in_last_pipeline_stage),
+        dict(group_query_attention=gqa, swiglu=c.gated_linear_unit, disable_bias_linear=not c.add_bias_linear,
+             add_qkv_bias=c.add_qkv_bias, qk_layernorm=c.qk_layernorm, bf16=c.bf16,
+             untie_embeddings_and_output_weights=not getattr(gpt, "share_embeddings_and_output_weights", True)),
     )
-    flags = [f for k, v in values.items() if v is not None for f in (_flag(k), str(v))]
-    switches = dict(
-        group_query_attention=c.num_query_groups not in (None, c.num_attention_heads),
-        swiglu=c.gated_linear_unit, disable_bias_linear=not c.add_bias_linear, add_qkv_bias=c.add_qkv_bias,
-        qk_layernorm=c.qk_layernorm, bf16=c.bf16,
-        untie_embeddings_and_output_weights=not getattr(gpt, "share_embeddings_and_output_weights", True),
+
+
+def namespace_from_model_args(m) -> argparse.Namespace:
+    """Megatron-LM's Namespace for a model of shape `m` (ModelArgs), e.g. a converted checkpoint's."""
+    gqa = m.query_groups != m.num_attention_heads
+    flags = _flags(
+        dict(num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+             num_query_groups=m.query_groups if gqa else None, ffn_hidden_size=m.ffn_size, kv_channels=m.head_dim,
+             normalization=m.normalization, norm_epsilon=m.norm_epsilon,
+             position_embedding_type=m.position_embedding_type, rotary_base=m.rotary_base,
+             rotary_percent=m.rotary_percent, rope_scaling_factor=m.rope_scaling_factor,
+             max_position_embeddings=m.max_position_embeddings, vocab_size=m.vocab_size,
+             make_vocab_size_divisible_by=m.make_vocab_size_divisible_by),
+        dict(group_query_attention=gqa, swiglu=m.swiglu, disable_bias_linear=m.disable_bias_linear,
+             add_qkv_bias=m.add_qkv_bias, qk_layernorm=m.qk_layernorm, use_rope_scaling=m.use_rope_scaling,
+             untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights),
     )
-    flags += [_flag(k) for k, on in switches.items() if on]
-    if switches["group_query_attention"]:
-        flags += ["--num-query-groups", str(c.num_query_groups)]
-    return flags
+    args = _parser().parse_args(flags)
+    args.padded_vocab_size = m.padded_vocab_size(1)
+    return args
 
 
 def flags_from_run(run) -> list[str]:
@@ -252,7 +272,9 @@ def describe_model(args) -> str:
         return ""
     names = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
              "kv_channels", "padded_vocab_size", "normalization", "swiglu", "untie_embeddings_and_output_weights")
-    parts = [f"{n}={getattr(args, n)}" for n in names if getattr(args, n, None) is not None]
+    gqa = getattr(args, "group_query_attention", False)  # Megatron-LM ignores num_query_groups without it
+    parts = [f"{n}={getattr(args, n)}" for n in names
+             if getattr(args, n, None) is not None and (gqa or n != "num_query_groups")]
     return "the checkpoint was saved with " + ", ".join(parts)
 
 
@@ -272,7 +294,7 @@ def model_flags_from_args(args) -> dict:
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
         use_rope_scaling=bool(getattr(args, "use_rope_scaling", False)),
         rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0), normalization=args.normalization,
-        norm_epsilon=args.norm_epsilon, swiglu=args.swiglu,
+        norm_epsilon=args.layernorm_epsilon, swiglu=args.swiglu,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         disable_bias_linear=not args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
         qk_layernorm=args.qk_layernorm, vocab_size=args.vocab_size or args.padded_vocab_size,

@@ -185,19 +185,23 @@ def main(argv=None):
 
     if not run.data.tokenizer_model:
         raise SystemExit("error: vopd-sft needs --tokenizer-model (the text is tokenized here)")
-    try:  # bad flags or data: a one-line error before anything is built
+    from .checkpoint_files import CheckpointError
+    from .checkpoint_preflight import preflight_weights
+
+    try:  # bad flags, data or checkpoint paths: a one-line error before anything is built
         run.validate(int(os.environ.get("WORLD_SIZE", 1)))
+        preflight_weights(run)
         tokenizer = load_tokenizer(run.data.tokenizer_model)
         eos = run_eos_id(run, tokenizer)
         rows = ShuffledRows(load_sft_rows(own.sft_data, tokenizer, eos, run.model.seq_length), run.train.seed)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as exc:
         raise SystemExit(f"error: {exc}") from None
 
     init_distributed()
     initialize_parallel(run)
     model, optimizer, scheduler = build_student(run)
     if run.checkpoint.load:  # weights only: continue from an earlier stage with a fresh optimizer
-        load_model_weights(run.checkpoint.load, [model])
+        load_model_weights(run.checkpoint.load, [model], fallback=run.checkpoint.checkpoint_fallback)
     device = next(model.parameters()).device
     rank0 = dist.get_rank() == 0
     if rank0:
