@@ -62,9 +62,9 @@ def main(argv=None):
 
     try:  # bad flags, data or checkpoint paths: a one-line error before anything is built
         run.validate(int(os.environ.get("WORLD_SIZE", 1))).check_runtime()
-        preflight_weights(run)
         tokenizer = run_tokenizer(run)
         problems = load_run_problems(run, tokenizer, log=rank0_print)
+        preflight_weights(run)
     except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as exc:
         raise SystemExit(f"error: {exc}") from None
 

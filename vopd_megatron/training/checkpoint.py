@@ -99,6 +99,7 @@ def _locate_for_load(load_dir: str, fallback: bool):
         _warn(f"{loud}checkpoint fallback in {load_dir}: {note}; loading iteration {iteration}")
     return path, iteration, common
 
+
 # --- load ----------------------------------------------------------------------------------
 
 
@@ -270,7 +271,9 @@ def _check_shapes(sharded: dict, path: str, info) -> None:
     index = FileSystemReader(path).read_metadata().state_dict_metadata
     wrong = {}
     for sh in nested_values(sharded):
-        stored = index.get(sh.key) if isinstance(sh, ShardedTensor) else None
+        if not isinstance(sh, ShardedTensor) or sh.allow_shape_mismatch:  # padded vocabularies differ by TP
+            continue
+        stored = index.get(sh.key)
         if stored is not None and hasattr(stored, "size") and tuple(stored.size) != tuple(sh.global_shape):
             wrong[sh.key] = (tuple(stored.size), tuple(sh.global_shape))
     wrong = union_over_ranks({(k, v) for k, v in wrong.items()})

@@ -170,11 +170,19 @@ def check_resume(found: Found, run, flag: str = "--load") -> None:
 # --- per entry point --------------------------------------------------------------------------
 
 
+def _checking_rank() -> bool:
+    """Global rank 0 checks (from the launcher's environment: no process group yet). The other
+    ranks skip the reads: on a failure rank 0 exits and the launcher stops them."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def preflight_train(run) -> Found | None:
-    """vopd-train's checkpoint paths; the iteration `--load` resumes (None: a fresh start)."""
+    """vopd-train's checkpoint paths; the iteration `--load` resumes (None: a fresh start, or not rank 0)."""
     ck = run.checkpoint
     if ck.finetune and not ck.load:
         raise CheckpointError("--finetune needs --load (the checkpoint whose weights to start from)")
+    if not _checking_rank():
+        return None
     found = None
     if ck.load:
         same = bool(ck.save) and os.path.abspath(ck.load) == os.path.abspath(ck.save)
@@ -183,7 +191,7 @@ def preflight_train(run) -> Found | None:
         if found is None:
             print(f"[vopd] --load {ck.load} holds no checkpoint yet (it is also --save): starting from "
                   "iteration 0", flush=True)
-        else:
+        if found is not None:
             check_architecture(found, run.model, "--load", "the model flags")
             if not ck.finetune:
                 check_resume(found, run)
@@ -199,6 +207,8 @@ def preflight_weights(run, *, save_with_optimizer: bool = False) -> None:
     """vopd-eval / vopd-sft: `--load` (weights) and `--teacher-load` must hold checkpoints of the
     flags' shapes; `--save`, when given, must have room for one checkpoint."""
     ck = run.checkpoint
+    if not _checking_rank():
+        return
     if ck.load:
         check_architecture(check_load_dir(ck.load, "--load", fallback=ck.checkpoint_fallback),
                            run.model, "--load", "the model flags")

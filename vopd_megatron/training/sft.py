@@ -190,10 +190,10 @@ def main(argv=None):
 
     try:  # bad flags, data or checkpoint paths: a one-line error before anything is built
         run.validate(int(os.environ.get("WORLD_SIZE", 1)))
-        preflight_weights(run)
         tokenizer = load_tokenizer(run.data.tokenizer_model)
         eos = run_eos_id(run, tokenizer)
         rows = ShuffledRows(load_sft_rows(own.sft_data, tokenizer, eos, run.model.seq_length), run.train.seed)
+        preflight_weights(run)
     except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as exc:
         raise SystemExit(f"error: {exc}") from None
 

@@ -159,8 +159,8 @@ def main(argv=None):
                          "or --rollout-data (rollouts from an external sampler)")
     try:  # bad flags, data or checkpoint paths: a one-line error before anything is built
         run.validate(int(os.environ.get("WORLD_SIZE", 1))).check_runtime()
-        preflight_train(run)
         inputs = load_inputs(run, evaluate=bool(run.eval.eval_interval))
+        preflight_train(run)
     except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as exc:
         raise SystemExit(f"error: {exc}") from None
 
@@ -185,7 +185,7 @@ def main(argv=None):
         load_model_weights(ck.load, models.student, fallback=ck.checkpoint_fallback)
     elif ck.load:  # ours or Megatron-LM's; None: --load is --save and holds nothing yet
         state = load_checkpoint(ck.load, models.student, optimizer, scheduler, fallback=ck.checkpoint_fallback)
-    ckpt_args = megatron_namespace(models.student, run)  # what Megatron-LM reads back from our saves
+    ckpt_args = megatron_namespace(models.student, run) if ck.save else None  # Megatron-LM reads it back
     start = state["iteration"] if state else 0
     source = rollout_source(run, models, inputs)
     source.seek(state["consumed_samples"] if state else 0)
