@@ -374,6 +374,8 @@ def test_resume_and_path_errors_before_the_build(megatron_lm_then_vopd, monkeypa
     from vopd_megatron.training.train import main as train_main
 
     monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would set it for the TP2 flags; rank 0 checks
+    monkeypatch.setenv("RANK", "0")
     d = megatron_lm_then_vopd["dir"]
     resume = [*VOPD_TRAIN_FLAGS, "--load", str(d / "vopd"), "--teacher-load", str(d / "mlm_teacher")]
     error = _cli_error(train_main, resume + ["--train-iters", "3", "--vopd-loss", "opd"])
