@@ -29,8 +29,15 @@ vopd-train does and `pretrain`'s schedule does not.
         --tensor-model-parallel-size 2 --num-layers 2 --hidden-size 64 --num-attention-heads 4 \\
         --seq-length 32 --max-position-embeddings 32 --vocab-size 250 --micro-batch-size 2 \\
         --global-batch-size 4 --train-iters 3 --lr 1e-4 --calculate-per-token-loss \\
-        --teacher-num-layers 3 --teacher-hidden-size 96 --vopd-loss vopd
+        --eval-interval 1000 --eval-iters 0 --teacher-num-layers 3 --teacher-hidden-size 96 --vopd-loss vopd
     # GPUs: the same without --cpu, with your usual Megatron-LM flags.
+    # Resume a vopd-train (or Megatron-LM) checkpoint, taking the model shape from it:
+    #   ... --load runs/x/checkpoints --use-checkpoint-args --teacher-load ckpt/teacher ...
+
+Tested (tests/test_checkpoint_megatron.py): on CPU at TP2 it resumes a
+vopd-train checkpoint with `--use-checkpoint-args --no-load-rng`, trains on, and
+its first logged loss equals the plain reference loss of the same weights and
+batch. Not run on a GPU here.
 """
 from __future__ import annotations
 

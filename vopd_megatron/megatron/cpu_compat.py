@@ -41,6 +41,16 @@ The redirections, narrowest first:
    assertion before the pipeline-parallel send/recv/broadcast of static
    inference) -> a not-None check, for PP > 1 sampling.
 
+6. `enable_training_loop()`, separate and explicit, for Megatron-LM's own loop
+   (`megatron.training`: `pretrain`, `save_checkpoint`, `load_checkpoint`):
+   its `initialize_megatron` allows no CUDA; `_initialize_distributed` and
+   `_set_random_seed` run as if one device existed (so the model-parallel groups
+   are built and the TP RNG tracker is seeded, on the CPU generator);
+   `get_device_arch_version` reports 0 (no device); the CUDA-kernel JIT warm-up
+   is skipped; `device="cuda"` literals in `training.py` and CUDA RNG state in
+   its checkpointing and the rerun state machine go to the CPU, as in 1. and 2.;
+   `get_model`'s `model.cuda()` runs as in 3.
+
 Not covered (they fail loudly, as before): Transformer Engine and apex, fused
 kernels (`apply_rope_fusion`, `gradient_accumulation_fusion`), the dynamic
 inference engine, CUDA graphs, and other `.cuda()` calls (e.g.
@@ -58,9 +68,10 @@ import types
 
 import torch
 
-__all__ = ["enable", "is_active"]
+__all__ = ["enable", "enable_training_loop", "is_active"]
 
 _active = False
+_training_loop_active = False
 
 
 def is_active() -> bool:
@@ -336,8 +347,11 @@ def enable_training_loop() -> bool:
     (examples/pretrain_with_vopd_loss.py --cpu, tests that call Megatron-LM's
     `save_checkpoint` / `load_checkpoint`) turns it on. No-op with CUDA.
     """
+    global _training_loop_active
     if not enable():
         return False
+    if _training_loop_active:
+        return True
     utils = _import("megatron.training.utils.common_utils")
     _replace(utils, "get_device_arch_version", _no_device_arch)
     training = _import("megatron.training.training")
@@ -350,6 +364,7 @@ def enable_training_loop() -> bool:
     for name in _TRAINING_CUDA_RNG_MODULES:  # their CUDA RNG state is the CPU generator's, as in 1.
         _import(name).torch = _Redirect(_TORCH_CUDA_LITERALS_ON_CPU, cuda=_CPU_RNG_CUDA)
     _wrap("megatron.training.training", "get_model", _run_as_if_cuda)  # model_module.cuda(...)
+    _training_loop_active = True
     return True
 
 
