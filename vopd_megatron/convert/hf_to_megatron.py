@@ -63,9 +63,15 @@ def _lazy_tensors(hf: HFCheckpoint, m: ModelArgs, dtype) -> dict[str, LazyTensor
 
 
 def _common_state(hf_config: dict, m: ModelArgs) -> dict:
-    """The `vopd` common state `load_checkpoint`/`load_model_weights` read, plus the HF origin."""
+    """The `vopd` common state `load_checkpoint`/`load_model_weights` read, the HF origin, and the keys
+    Megatron-LM reads (`args` with the model shape, `iteration` 0: load it there with --finetune)."""
+    from ..training import megatron_format as mf
+
     layout = dict(world_size=1, model_chunks=1, tp=1, pp=1, cp=1, dp=1)
+    args = mf.checkpoint_args(mf.namespace_from_model_args(m), layout, iteration=0, consumed_samples=0,
+                              has_optimizer=False, distopt_sharding=None)
     return {
+        "args": args, "iteration": 0, "checkpoint_version": mf.CHECKPOINT_VERSION,
         "vopd": dict(format_version=ckpt.FORMAT_VERSION, iteration=0, layout=layout, has_optimizer=False,
                      distrib_optim_sharding_type=None, base_seed=0,
                      state={"iteration": 0, "consumed_samples": 0}),

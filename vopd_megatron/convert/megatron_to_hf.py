@@ -2,22 +2,26 @@
 
     vopd-convert megatron-to-hf --load ckpt/llama8b --out hf/llama8b [--config model.yaml]
 
-Reads the newest complete checkpoint under `--load` (a converted one, or one
-`vopd-train` saved at any TP/PP: stored chunks are reassembled per layer).
-The HF config is the one the checkpoint was converted from when it has one
-(restored verbatim), else it is derived from the model flags (`--config`,
-Megatron-LM flag names; family from the flags or `--model-type`). Padded
-vocabulary rows are dropped. The output is a new directory (`outdir.staged_output`:
-a non-empty `--out` is refused unless `overwrite`; a failed conversion leaves
-nothing behind); a missing or damaged file of the checkpoint is named.
+Reads the newest intact checkpoint under `--load` (a converted one, or one
+`vopd-train` or Megatron-LM saved at any TP/PP: stored chunks are reassembled
+per layer; a damaged newest iteration is skipped with a warning naming the
+file). The HF config is the one the checkpoint was converted from when it has
+one (restored verbatim), else it is derived from the model flags (`--config`,
+Megatron-LM flag names), else from the Megatron-LM `args` the checkpoint
+records; the family comes from the flags or `--model-type`. Padded vocabulary
+rows are dropped. The output is a new directory
+(`outdir.staged_output`: a non-empty `--out` is refused unless `overwrite`; a
+failed conversion leaves nothing behind).
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
 
 from ..config.schema import ModelArgs
-from ..training import checkpoint as ckpt
+from ..training.checkpoint_files import find_latest
+from ..training.megatron_format import model_flags_from_args
 from . import mappings as mp
 from .dcp_io import ChunkReader
 from .hf_config import ConversionError, flags_to_model_args, hf_config_to_model_args, model_args_to_hf_config
@@ -30,6 +34,8 @@ def _resolve_model(common: dict, model_args: ModelArgs | None, model_type: str |
     if origin is not None and model_args is None:
         cfg = origin["hf_config"]
         return flags_to_model_args(origin["model_flags"]), cfg
+    if model_args is None and common.get("args") is not None:  # a Megatron-LM (or vopd-train) checkpoint
+        model_args = flags_to_model_args(model_flags_from_args(common["args"]))
     if model_args is None:
         raise ConversionError("this checkpoint was not converted from Hugging Face: pass the model's flags "
                               "(--config model.yaml) so its shape is known")
@@ -45,15 +51,20 @@ def _open_checkpoint(load_dir: str):
     if not os.path.isdir(load_dir):
         raise ConversionError(f"--load {load_dir} " + ("is a file; expected a checkpoint directory"
                                                         if os.path.exists(load_dir) else "does not exist"))
-    iteration = ckpt.latest_iteration(load_dir)
-    if iteration is None:
-        raise ConversionError(f"{load_dir} holds no complete vopd_megatron checkpoint")
-    path = ckpt.checkpoint_dir(load_dir, iteration)
-    try:
-        common = load_common_state_dict(path)
-    except Exception as exc:  # noqa: BLE001 - megatron wraps unpickling and I/O errors in several types
-        raise ConversionError(f"{path}: cannot read the checkpoint's common state ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:200]})") from None
+    found = find_latest(load_dir)  # the newest intact iteration; damaged newer ones are named
+    if found.path is None:
+        detail = "; ".join(found.notes)
+        raise ConversionError(f"--load {load_dir} holds no complete torch_dist checkpoint"
+                              + (f" ({detail})" if detail else ""))
+    for note in found.notes:
+        warnings.warn(f"{load_dir}: {note}; converting iteration {found.iteration}", stacklevel=3)
+    path, common = found.path, found.common
+    if common is None:
+        try:
+            common = load_common_state_dict(path)
+        except Exception as exc:  # noqa: BLE001 - megatron wraps unpickling and I/O errors in several types
+            raise ConversionError(f"{path}: cannot read the checkpoint's common state ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())[:200]})") from None
     try:
         reader = ChunkReader(path)
     except Exception as exc:  # noqa: BLE001 - torch DCP raises bare errors for a damaged .metadata

@@ -51,6 +51,8 @@ def main(argv=None):
     from ..training.train import init_distributed, rank0_print, run_tokenizer
     from .runner import build_evaluator, load_run_problems
 
+    from ..training.checkpoint_preflight import preflight_weights
+
     with reading_inputs():  # bad flags or data: a one-line error before anything is built
         parsed = parse_run(argv, tool="eval")
         run = parsed.run
@@ -65,6 +67,7 @@ def main(argv=None):
         run.validate(parsed.namespace.world_size).check_runtime()
         tokenizer = run_tokenizer(run)
         problems = load_run_problems(run, tokenizer, log=rank0_print)
+        preflight_weights(run)  # --load, --teacher-load: before any process group
 
     from ..training.checkpoint import load_model_weights
     from ..training.setup import build_models, initialize_parallel
@@ -73,9 +76,9 @@ def main(argv=None):
     try:
         initialize_parallel(run)
         models = build_models(run, with_teacher=bool(ck.teacher_load))
-        iteration = load_model_weights(ck.load, models.student)
+        iteration = load_model_weights(ck.load, models.student, fallback=ck.checkpoint_fallback)
         if ck.teacher_load:
-            load_model_weights(ck.teacher_load, [models.teacher])
+            load_model_weights(ck.teacher_load, [models.teacher], fallback=ck.checkpoint_fallback)
         evaluator = build_evaluator(run, models, tokenizer, problems)
         result = evaluator.evaluate()
         n, k = e.eval_samples, e.eval_pass_k or e.eval_samples

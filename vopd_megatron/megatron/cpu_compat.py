@@ -41,6 +41,16 @@ The redirections, narrowest first:
    assertion before the pipeline-parallel send/recv/broadcast of static
    inference) -> a not-None check, for PP > 1 sampling.
 
+6. `enable_training_loop()`, separate and explicit, for Megatron-LM's own loop
+   (`megatron.training`: `pretrain`, `save_checkpoint`, `load_checkpoint`):
+   its `initialize_megatron` allows no CUDA; `_initialize_distributed` and
+   `_set_random_seed` run as if one device existed (so the model-parallel groups
+   are built and the TP RNG tracker is seeded, on the CPU generator);
+   `get_device_arch_version` reports 0 (no device); the CUDA-kernel JIT warm-up
+   is skipped; `device="cuda"` literals in `training.py` and CUDA RNG state in
+   its checkpointing and the rerun state machine go to the CPU, as in 1. and 2.;
+   `get_model`'s `model.cuda()` runs as in 3.
+
 Separately, only while a configuration is checked and built (never while a
 model runs), `planning_as_on_gpu()` answers two questions about the machine as
 the GPU target would, so that `--dry-run` plans a GPU job on a laptop and the
@@ -72,9 +82,10 @@ import types
 
 import torch
 
-__all__ = ["enable", "is_active", "planning_as_on_gpu"]
+__all__ = ["enable", "enable_training_loop", "is_active", "planning_as_on_gpu"]
 
 _active = False
+_training_loop_active = False
 
 
 def is_active() -> bool:
@@ -173,15 +184,17 @@ def _set_cpu_rng_state(new_state: torch.Tensor, device=-1, graph_safe=False) -> 
     torch.set_rng_state(new_state)
 
 
+_CPU_RNG_CUDA = _Redirect(
+    torch.cuda,
+    manual_seed=torch.manual_seed,
+    get_rng_state=lambda device="cuda": torch.get_rng_state(),
+    set_rng_state=lambda new_state, device="cuda": torch.set_rng_state(new_state),
+)
+
+
 def _redirect_rng():
     random = importlib.import_module("megatron.core.tensor_parallel.random")
-    cpu_rng_cuda = _Redirect(
-        torch.cuda,
-        manual_seed=torch.manual_seed,
-        get_rng_state=lambda device="cuda": torch.get_rng_state(),
-        set_rng_state=lambda new_state, device="cuda": torch.set_rng_state(new_state),
-    )
-    random.torch = _Redirect(torch, cuda=cpu_rng_cuda)
+    random.torch = _Redirect(torch, cuda=_CPU_RNG_CUDA)
     _replace(random, "_get_cuda_rng_state", _get_cpu_rng_state)
     _replace(random, "_set_cuda_rng_state", _set_cpu_rng_state)
     # `fork()` warns when the CPU generator moved inside it; here the forked
@@ -364,3 +377,65 @@ def _replace(module: types.ModuleType, name: str, new):
         if getattr(other, "__name__", "").startswith("megatron.") and getattr(other, name, None) is old:
             setattr(other, name, new)
     setattr(module, name, new)
+
+
+# --- 6. Megatron-LM's training loop (megatron.training), switched on separately ------
+
+
+def enable_training_loop() -> bool:
+    """`enable()`, plus what `megatron.training.pretrain` and its checkpointing need on CPU.
+
+    Separate and explicit: only a script that runs Megatron-LM's own loop on CPU
+    (examples/pretrain_with_vopd_loss.py --cpu, tests that call Megatron-LM's
+    `save_checkpoint` / `load_checkpoint`) turns it on. No-op with CUDA.
+    """
+    global _training_loop_active
+    if not enable():
+        return False
+    if _training_loop_active:
+        return True
+    utils = _import("megatron.training.utils.common_utils")
+    _replace(utils, "get_device_arch_version", _no_device_arch)
+    training = _import("megatron.training.training")
+    training.initialize_megatron = functools.partial(training.initialize_megatron, allow_no_cuda=True)
+    for name in ("_initialize_distributed", "_set_random_seed"):
+        _wrap("megatron.training.initialize", name, _as_if_one_device)
+    _import("megatron.training.initialize")._warmup_jit_function = _no_jit_warmup
+    for name in _TRAINING_CUDA_LITERAL_MODULES:
+        _import(name).torch = _TORCH_CUDA_LITERALS_ON_CPU
+    for name in _TRAINING_CUDA_RNG_MODULES:  # their CUDA RNG state is the CPU generator's, as in 1.
+        _import(name).torch = _Redirect(_TORCH_CUDA_LITERALS_ON_CPU, cuda=_CPU_RNG_CUDA)
+    _wrap("megatron.training.training", "get_model", _run_as_if_cuda)  # model_module.cuda(...)
+    _training_loop_active = True
+    return True
+
+
+def _as_if_one_device(fn):
+    """Run `fn` as if one CUDA device existed (`set_device` does nothing): Megatron-LM's
+    `_initialize_distributed` then builds the model-parallel groups and `_set_random_seed`
+    seeds the tensor-parallel RNG tracker (redirected to the CPU generator by 1.)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        module = sys.modules[fn.__module__]
+        module.torch = _Redirect(torch, cuda=_Redirect(torch.cuda, device_count=lambda: 1,
+                                                       set_device=lambda device: None))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            module.torch = torch
+
+    return wrapper
+
+
+_TRAINING_CUDA_LITERAL_MODULES = ("megatron.training.training",)
+_TRAINING_CUDA_RNG_MODULES = ("megatron.core.rerun_state_machine", "megatron.training.checkpointing")
+
+
+def _no_jit_warmup(*args, **kwargs) -> None:
+    """Stands in for `initialize._warmup_jit_function`, which runs the fused CUDA kernels once."""
+
+
+def _no_device_arch() -> int:
+    """Stands in for `get_device_arch_version` (the GPU's major compute capability): 0, no device."""
+    return 0

@@ -95,10 +95,8 @@ def main(argv=None):
     from .step import wire_megatron_hooks
     from .train import init_distributed, load_inputs
 
-    try:
+    with reading_inputs():  # a bad flag: one error line
         run, _ = parse_config(rest + ["--global-batch-size", str(own.prompts)])
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
     # --vopd-top-k is the k of the top-k modes among --modes, whatever --vopd-loss says.
     top_k, run.distill.vopd_top_k = run.distill.vopd_top_k, None
     modes = own.modes.split(",")

@@ -11,6 +11,12 @@ from __future__ import annotations
 import torch
 
 DISTOPT_SHARDING = "fully_reshardable"  # model-space, reshardable across TP/PP/DP
+#: distributed-optimizer checkpoint formats `load_optimizer` reads, and the method that reads each
+LOADABLE_DISTOPT_FORMATS = {
+    "fully_reshardable": "load_parameter_state_from_fully_reshardable",
+    "fully_sharded_model_space": "load_parameter_state_from_fs_model_space",
+    "dp_reshardable": "load_parameter_state_from_dp_reshardable",
+}
 
 
 def distopt_sharding_type(optimizer) -> str | None:
@@ -95,11 +101,7 @@ def load_optimizer(optimizer, state) -> None:
         kind = sub_state.pop("param_state_sharding_type")
         sub.load_state_dict(sub_state)
         steps = {p: s.pop("step") for p, s in inner.state.items() if "step" in s}
-        loader = {
-            "fully_reshardable": "load_parameter_state_from_fully_reshardable",
-            "fully_sharded_model_space": "load_parameter_state_from_fs_model_space",
-            "dp_reshardable": "load_parameter_state_from_dp_reshardable",
-        }[kind]
+        loader = LOADABLE_DISTOPT_FORMATS[kind]
         getattr(sub, loader)(param_state)
         for p, step in steps.items():
             inner.state[p]["step"] = step.clone()

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from ..data.prompts import read_records
 from ..errors import DataError, UserError, entry_point, reading_inputs
 from .data import Rollout
+from .setup import scheduler_increment
 
 
 def load_sft_rows(path, tokenizer, eos_id: int | None, seq_length: int) -> list[Rollout]:
@@ -191,6 +192,7 @@ def main(argv=None):
     from .checkpoint import load_model_weights, save_checkpoint
     from .faults import at_iteration, check_step
     from .setup import initialize_parallel
+    from .checkpoint_preflight import preflight_weights
     from .train import dp_microbatches, init_distributed, run_eos_id, run_tokenizer
 
     with reading_inputs():  # bad flags or data: a one-line error before anything is built
@@ -200,12 +202,13 @@ def main(argv=None):
         tokenizer = run_tokenizer(run)
         eos = run_eos_id(run, tokenizer)
         rows = ShuffledRows(load_sft_rows(own.sft_data, tokenizer, eos, run.model.seq_length), run.train.seed)
+        preflight_weights(run)  # --load: before any process group
 
     init_distributed(run.parallel.distributed_timeout_minutes)
     initialize_parallel(run)
     model, optimizer, scheduler = build_student(run)
     if run.checkpoint.load:  # weights only: continue from an earlier stage with a fresh optimizer
-        load_model_weights(run.checkpoint.load, [model])
+        load_model_weights(run.checkpoint.load, [model], fallback=run.checkpoint.checkpoint_fallback)
     device = next(model.parameters()).device
     rank0 = dist.get_rank() == 0
     if rank0:
@@ -221,7 +224,7 @@ def main(argv=None):
         with at_iteration(it):  # a non-finite gradient stops the run before any save
             check_step(SimpleNamespace(metrics=None, skipped=not ok, grad_norm=float(grad_norm or 0.0)), batch,
                        grad_norm_known=grad_norm is not None and run.train.clip_grad > 0)
-        scheduler.step(increment=run.train.global_batch_size)  # Megatron-LM counts samples
+        scheduler.step(increment=scheduler_increment(run))  # Megatron-LM counts samples
         if losses and (it % run.logging.log_interval == 0 or it == run.train.train_iters):
             loss = mean_loss(losses)  # a DP collective: every last-stage rank computes it
             norm = float("nan") if grad_norm is None else float(grad_norm)  # None: --clip-grad 0

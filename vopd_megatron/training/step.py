@@ -22,6 +22,7 @@ from ..megatron.fused_output import OutputLayerInput
 from ..megatron.loss_adapter import make_fused_loss_func, make_loss_func
 from ..model.distill import p2p_shape_adjuster
 from .faults import naming_rows
+from .setup import scheduler_increment
 
 
 @dataclass
@@ -117,7 +118,7 @@ def train_step(models, optimizer, scheduler, microbatches: list[dict], run: RunC
     ok, grad_norm, _ = optimizer.step()
     result.skipped = not ok
     result.grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-    scheduler.step(increment=run.train.global_batch_size)  # Megatron-LM counts samples
+    scheduler.step(increment=scheduler_increment(run))
     result.lr = optimizer.param_groups[0]["lr"]
     result.metrics = batch_metrics(losses)
     result.num_tokens = int(round(result.metrics.pop("_tokens", 0)))

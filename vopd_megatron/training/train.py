@@ -24,6 +24,7 @@ from ..config.schema import ConfigError
 from ..data import check_compatible, check_vocab_fits, load_prompt_dataset, load_tokenizer
 from ..errors import entry_point, reading_inputs
 from ..net import free_local_port
+from .checkpoint_preflight import preflight_train
 from .data import JsonlRolloutSource, collate, rollout_stats
 from .faults import at_iteration, check_step
 
@@ -207,8 +208,10 @@ def main(argv=None):
                               "or --rollout-data (rollouts from an external sampler)")
         run.validate(ns.world_size).check_runtime()
         inputs = load_inputs(run, evaluate=bool(run.eval.eval_every))
+        preflight_train(run)  # --load, --teacher-load, --save: before any process group
 
     from .checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+    from .megatron_format import megatron_namespace
     from .logging import StepLogger
     from .setup import build_models, build_optimizer, initialize_parallel
     from .step import train_step, wire_megatron_hooks
@@ -220,14 +223,15 @@ def main(argv=None):
     wire_megatron_hooks(models, run)
     ck = run.checkpoint
     if ck.teacher_load:
-        load_model_weights(ck.teacher_load, [models.teacher])
+        load_model_weights(ck.teacher_load, [models.teacher], fallback=ck.checkpoint_fallback)
     elif dist.get_rank() == 0:
         print("[vopd] warning: no --teacher-load: the teacher keeps its random initialisation", flush=True)
     state = None
     if ck.load and ck.finetune:  # weights only: a converted or pretrained student
-        load_model_weights(ck.load, models.student)
-    elif ck.load:
-        state = load_checkpoint(ck.load, models.student, optimizer, scheduler)
+        load_model_weights(ck.load, models.student, fallback=ck.checkpoint_fallback)
+    elif ck.load:  # ours or Megatron-LM's; None: --load is --save and holds nothing yet
+        state = load_checkpoint(ck.load, models.student, optimizer, scheduler, fallback=ck.checkpoint_fallback)
+    ckpt_args = megatron_namespace(models.student, run) if ck.save else None  # Megatron-LM reads it back
     start = state["iteration"] if state else 0
     source = rollout_source(run, models, inputs)
     source.seek(state["consumed_samples"] if state else 0)
@@ -266,7 +270,8 @@ def main(argv=None):
             logger.log_eval(iteration, evaluator.evaluate().metrics)
         if ck.save and ((ck.save_interval and iteration % ck.save_interval == 0) or last):
             save_checkpoint(ck.save, iteration, models.student, optimizer, scheduler,
-                            {"iteration": iteration, "consumed_samples": source.consumed})
+                            {"iteration": iteration, "consumed_samples": source.consumed,
+                             "vopd_loss": run.distill.vopd_loss}, args=ckpt_args)
         if stop is not None:
             rank0_print(f"[vopd] stopping after iteration {iteration} ({stop})")
             break
