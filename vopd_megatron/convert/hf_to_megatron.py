@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from ..config.schema import ModelArgs
+from ..progress import Progress
 from ..training import checkpoint as ckpt
 from . import mappings as mp
 from .dcp_io import LazyTensor, write_torch_dist
@@ -78,8 +79,10 @@ def _common_state(hf_config: dict, m: ModelArgs) -> dict:
 
 
 def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: int = 128,
-                           dtype: str | None = None, check_tp: int = 1, check_pp: int = 1) -> dict:
-    """Convert; returns the model flags written to `out_dir/model_flags.yaml`."""
+                           dtype: str | None = None, check_tp: int = 1, check_pp: int = 1,
+                           show_progress: bool = False) -> dict:
+    """Convert; returns the model flags written to `out_dir/model_flags.yaml`.
+    show_progress: a progress display over the tensor chunks written (the CLI's)."""
     hf = HFCheckpoint(hf_dir)
     m = hf_config_to_model_args(hf.config, make_vocab_size_divisible_by)
     check_layout(m, check_tp, check_pp)
@@ -94,7 +97,9 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisib
     staging = final + ".incomplete"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    write_torch_dist(staging, tensors, objects, _common_state(hf.config, m))
+    chunks = sum(len(t.chunks) for t in tensors.values())
+    with Progress(chunks, "[vopd-convert] hf-to-megatron", unit="tensor", enabled=show_progress) as progress:
+        write_torch_dist(staging, tensors, objects, _common_state(hf.config, m), on_chunk=progress.update)
     with open(os.path.join(staging, ckpt.COMPLETE_MARKER), "w") as f:
         json.dump(dict(iteration=0, format_version=ckpt.FORMAT_VERSION, converted_from=os.path.abspath(hf_dir),
                        saved_at=time.time()), f)

@@ -15,6 +15,7 @@ import json
 import os
 
 from ..config.schema import ModelArgs
+from ..progress import Progress
 from ..training import checkpoint as ckpt
 from . import mappings as mp
 from .dcp_io import ChunkReader
@@ -36,8 +37,10 @@ def _resolve_model(common: dict, model_args: ModelArgs | None, model_type: str |
 
 
 def convert_megatron_to_hf(load_dir: str, out_dir: str, *, model_args: ModelArgs | None = None,
-                           model_type: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
-    """Convert the newest complete checkpoint under `load_dir`; returns the safetensors files written."""
+                           model_type: str | None = None, max_shard_bytes: int = 5 * 2**30,
+                           show_progress: bool = False) -> list[str]:
+    """Convert the newest complete checkpoint under `load_dir`; returns the safetensors files written.
+    show_progress: a progress display over the layers written (the CLI's)."""
     from megatron.core.dist_checkpointing import load_common_state_dict
 
     iteration = ckpt.latest_iteration(load_dir)
@@ -50,15 +53,20 @@ def convert_megatron_to_hf(load_dir: str, out_dir: str, *, model_args: ModelArgs
         raise ConversionError(f"{path} has {reader.shape(mp.LAYER + mp.layer_tensors(m)[0].key)[0]} layers, "
                               f"the flags say {m.num_layers}")
     writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
-    writer.add(mp.EMBEDDING[1], reader.read(mp.EMBEDDING[0])[: m.vocab_size])
-    for i in range(m.num_layers):
-        for lt in mp.layer_tensors(m):
-            parts = lt.to_hf(reader.read(mp.LAYER + lt.key, layer=i), m)
-            for name, t in zip(lt.hf, parts):
-                writer.add(mp.hf_layer_name(i, name), t)
-    writer.add(mp.FINAL_NORM[1], reader.read(mp.FINAL_NORM[0]))
-    if m.untie_embeddings_and_output_weights:
-        writer.add(mp.OUTPUT[1], reader.read(mp.OUTPUT[0])[: m.vocab_size])
+    # Progress over the layers, plus one for the embedding and one for the final norm and output.
+    with Progress(m.num_layers + 2, "[vopd-convert] megatron-to-hf", unit="layer", enabled=show_progress) as progress:
+        writer.add(mp.EMBEDDING[1], reader.read(mp.EMBEDDING[0])[: m.vocab_size])
+        progress.update(1)
+        for i in range(m.num_layers):
+            for lt in mp.layer_tensors(m):
+                parts = lt.to_hf(reader.read(mp.LAYER + lt.key, layer=i), m)
+                for name, t in zip(lt.hf, parts):
+                    writer.add(mp.hf_layer_name(i, name), t)
+            progress.update(1)
+        writer.add(mp.FINAL_NORM[1], reader.read(mp.FINAL_NORM[0]))
+        if m.untie_embeddings_and_output_weights:
+            writer.add(mp.OUTPUT[1], reader.read(mp.OUTPUT[0])[: m.vocab_size])
+        progress.update(1)
     files = writer.close()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ..config import parse_config
 from ..config.args import to_flat_dict
 from ..config.schema import ConfigError
+from ..progress import Progress
 
 
 def format_table(metrics: dict[str, float], n: int, k: int) -> str:
@@ -75,7 +76,8 @@ def main(argv=None):
         if ck.teacher_load:
             load_model_weights(ck.teacher_load, [models.teacher])
         evaluator = build_evaluator(run, models, tokenizer, problems)
-        result = evaluator.evaluate()
+        with Progress(evaluator.local_samples(), "[vopd-eval] sampling", unit="sample") as progress:
+            result = evaluator.evaluate(on_samples=progress.update)
         n, k = e.eval_samples, e.eval_pass_k or e.eval_samples
         if dist.get_rank() == 0:
             print(f"[vopd-eval] {ck.load} (iteration {iteration}), {len(result.records)} problems x {n} samples"

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.prompts import read_records
+from ..progress import Progress, echo
 from .data import Rollout
 
 
@@ -203,23 +204,26 @@ def main(argv=None):
         print(f"[sft] {len(rows.rows)} rows from {own.sft_data}; {run.train.train_iters} iterations "
               f"of {run.train.global_batch_size}", flush=True)
     t0 = time.perf_counter()
+    progress = Progress(run.train.train_iters, "[sft]")  # rank 0: a live bar, or a line every 30 s in a log
     for it in range(1, run.train.train_iters + 1):
         microbatches = dp_microbatches(rows.take(run.train.global_batch_size), run, device)
         optimizer.zero_grad()
         losses = sft_forward_backward(model, microbatches, run)
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
-        if losses and (it % run.logging.log_interval == 0 or it == run.train.train_iters):
-            loss = mean_loss(losses)  # a DP collective: every last-stage rank computes it
+        loss = mean_loss(losses) if losses else None  # a DP collective: every last-stage rank computes it
+        progress.update(1, loss=loss)
+        if loss is not None and (it % run.logging.log_interval == 0 or it == run.train.train_iters):
             if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
-                print(f"[sft] iter {it:5d} | loss {loss:.4f} | grad norm {float(grad_norm):.3f} "
-                      f"| lr {optimizer.param_groups[0]['lr']:.2e} | {time.perf_counter() - t0:.0f} s", flush=True)
+                echo(f"[sft] iter {it:5d} | loss {loss:.4f} | grad norm {float(grad_norm):.3f} "
+                     f"| lr {optimizer.param_groups[0]['lr']:.2e} | {time.perf_counter() - t0:.0f} s")
         ck = run.checkpoint
         if ck.save and (it == run.train.train_iters or (ck.save_interval and it % ck.save_interval == 0)):
             # Weights only (no optimizer): what --teacher-load and --load --finetune read.
             path = save_checkpoint(ck.save, it, [model], None, None, {"iteration": it, "consumed_samples": rows.consumed})
             if rank0:
-                print(f"[sft] saved {path}", flush=True)
+                echo(f"[sft] saved {path}")
+    progress.close()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -24,6 +24,7 @@ from ..config.args import to_flat_dict
 from ..config.schema import ConfigError
 from ..data import check_compatible, load_prompt_dataset, load_tokenizer
 from ..net import free_local_port
+from ..progress import Progress
 from .data import JsonlRolloutSource, collate, rollout_stats
 
 
@@ -201,6 +202,7 @@ def main(argv=None):
     interval = run.eval.eval_interval
     if evaluator is not None and start == 0:  # the baseline before any update
         logger.log_eval(0, evaluator.evaluate().metrics)
+    progress = Progress(run.train.train_iters, "[vopd] train", initial=start)  # rank 0: bar, or a line every 30 s
     for iteration in range(start + 1, run.train.train_iters + 1):
         t0 = time.perf_counter()
         rollouts = source.take(run.train.global_batch_size)  # identical on every rank
@@ -211,12 +213,14 @@ def main(argv=None):
         result.seconds["rollout"] = rollout_s
         result.metrics.update(rollout_stats(rollouts))
         logger.log(iteration, result)
+        progress.update(1, kl=result.metrics.get("kl"), loss=result.metrics.get("loss"))
         last = iteration == run.train.train_iters
         if evaluator is not None and (iteration % interval == 0 or last):
             logger.log_eval(iteration, evaluator.evaluate().metrics)
         if ck.save and ((ck.save_interval and iteration % ck.save_interval == 0) or last):
             save_checkpoint(ck.save, iteration, models.student, optimizer, scheduler,
                             {"iteration": iteration, "consumed_samples": source.consumed})
+    progress.close()
     logger.close()
     dist.barrier()
     dist.destroy_process_group()
