@@ -37,20 +37,27 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from ..data.prompts import read_records
+from ..data.prompts import prompt_ids, read_records
 from ..progress import Progress, echo
 from .data import Rollout
 
 
-def load_sft_rows(path, tokenizer, eos_id: int | None, seq_length: int) -> list[Rollout]:
+def load_sft_rows(path, tokenizer, eos_id: int | None, seq_length: int,
+                  use_chat_template: bool = False) -> list[Rollout]:
     """Tokenized (prompt, completion + EOS) pairs from JSONL / Parquet records;
-    a row longer than seq_length + 1 is an error."""
+    a row longer than seq_length + 1 is an error.
+
+    The prompt is tokenized exactly as vopd-train tokenizes a prompt (and
+    evaluation a problem): the tokenizer's own special tokens (a BOS) kept, the
+    chat template applied with --apply-chat-template, so a model trained here
+    sees its prompts in the form distillation and evaluation give them. The
+    completion continues it: no special tokens of its own, EOS appended."""
     rows = []
     for where, rec in read_records(path):
         for key in ("prompt", "completion"):
             if not isinstance(rec.get(key), str):
                 raise ValueError(f"{where}: needs a text field {key!r}")
-        prompt = tokenizer.encode(rec["prompt"], add_special_tokens=False)
+        _, prompt = prompt_ids(where, rec, tokenizer, "prompt", use_chat_template)
         completion = tokenizer.encode(rec["completion"], add_special_tokens=False)
         completion += [eos_id] if eos_id is not None else []
         if not prompt or len(prompt) + len(completion) > seq_length + 1:
@@ -189,7 +196,8 @@ def main(argv=None):
         run.validate(int(os.environ.get("WORLD_SIZE", 1)))
         tokenizer = load_tokenizer(run.data.tokenizer_model)
         eos = run_eos_id(run, tokenizer)
-        rows = ShuffledRows(load_sft_rows(own.sft_data, tokenizer, eos, run.model.seq_length), run.train.seed)
+        rows = ShuffledRows(load_sft_rows(own.sft_data, tokenizer, eos, run.model.seq_length,
+                                          run.data.apply_chat_template), run.train.seed)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
 
