@@ -13,5 +13,5 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/scripts/setup_env.sh"
 cd "$root"
-echo "[quickstart] arithmetic testbed, short demo (first run: ~5 min more, to train the teacher and student once)"
+echo "[quickstart] arithmetic testbed, short demo (first run: ~6 min more, to train the teacher and student once)"
 exec "$root/.venv/bin/python" examples/arithmetic/compare_modes.py --short "$@"
