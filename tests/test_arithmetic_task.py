@@ -1,7 +1,11 @@
-"""The arithmetic testbed's generator: disjoint splits, correct worked solutions, answers the grader reads."""
+"""The arithmetic testbed: disjoint splits, correct worked solutions, answers the grader reads,
+and one measurement of accuracy before and during distillation."""
 import importlib.util
+import os
 import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parents[1]
 
@@ -45,3 +49,72 @@ def test_worked_solutions_are_right():
 def test_accuracy_grader():
     acc = _load("accuracy")
     assert acc.accuracy(["1+2=3;\\boxed{3}", "\\boxed{4}", "no answer"], ["3", "5", "1"]) == 1 / 3
+
+
+def test_math_verify_grades_the_task_like_its_exact_grader():
+    """vopd-train's evaluation grades with math-verify, the testbed's own check is the exact
+    boxed answer: on right, wrong, unfinished and malformed outputs of the task they agree."""
+    from vopd_megatron.eval import grade_problem
+
+    task, acc = _load("task"), _load("accuracy")
+    texts, answers = [], []
+    for x, y in task.make_splits(n_sft=40, n_prompts=1, n_eval=1)["sft"]:
+        sol, right = task.solution(x, y), str(x + y)
+        wrong = sol.replace("{" + right, "{" + str(x + y + 1))
+        texts += [sol, wrong, sol[: sol.index("\\boxed")], sol[:-1], sol.replace("\\boxed", "\\boxedxed", 1)]
+        answers += [right] * 5
+    exact = [acc.boxed_answer(t) == a for t, a in zip(texts, answers)]
+    assert sum(exact) == 40  # the 40 solutions; every variant is wrong
+    assert [grade_problem([t], a).correct[0] for t, a in zip(texts, answers)] == exact
+
+
+def _same_measure_case(root, tmp):
+    """prepare.py's accuracy (accuracy.py, at the short demo's seed, samples and problems) and the
+    iteration-0 evaluation of the demo's vopd-train command, on the same (random) student."""
+    import sys
+
+    from megatron.core import parallel_state
+
+    from vopd_megatron.config import parse_config
+    from vopd_megatron.training.setup import build_models, initialize_parallel
+    from vopd_megatron.eval import build_evaluator
+    from vopd_megatron.training.train import load_inputs
+
+    os.chdir(root)  # the commands name files relative to the repository
+    sys.path.insert(0, str(Path(root) / "examples" / "arithmetic"))
+    import accuracy
+    import compare_modes
+    import prepare
+
+    recipe = dict(compare_modes.SHORT, eval_problems=12, eval_samples=2)
+    prep = {"teacher": str(tmp / "teacher"), "student": str(tmp / "student")}
+    data = ["--tokenizer-model", str(tmp / "tokenizer.json"), "--prompt-data", str(tmp / "prompts.jsonl"),
+            "--eval-data", str(tmp / "heldout.jsonl")]
+    train_argv = compare_modes.train_command("vopd", 1, recipe, prep, tmp / "run")
+    train_run, _ = parse_config(train_argv[train_argv.index("--config"):] + data)
+    own, acc_run = accuracy.parse(prepare.accuracy_command("student", tmp / "student", greedy=False)
+                                  + ["--heldout", str(tmp / "heldout.jsonl"), "--tokenizer-model",
+                                     str(tmp / "tokenizer.json"), "--seed", "1", "--samples", "2",
+                                     "--max-problems", "12"])
+    initialize_parallel(train_run)
+    try:
+        models = build_models(train_run)
+        inputs = load_inputs(train_run, evaluate=True)
+        during = build_evaluator(train_run, models, inputs.tokenizer, inputs.eval_problems).evaluate()
+        before = accuracy.student_evaluator(acc_run, models, inputs.tokenizer).evaluate()
+        return during.metrics, during.records, before.metrics, before.records
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_accuracy_before_distillation_is_the_runs_evaluation(gloo_pools, tmp_path):
+    """The number prepare.py reports before distillation and a run's iteration-0 evaluation are
+    one measurement: at the same seed, problems and samples, the same completions and grades
+    (the 12.5% vs 3.1% of issue 12 were two noisy one-sample draws, not two measures)."""
+    task = _load("task")
+    task.write_data(tmp_path, n_sft=10, n_prompts=16, n_eval=12)
+    for (m_during, r_during, m_before, r_before) in gloo_pools(2).run(_same_measure_case, str(ROOT), tmp_path):
+        assert [r["completion_ids"] for r in r_before] == [r["completion_ids"] for r in r_during]
+        assert len(r_during) == 12 and all(len(r["completion_ids"]) == 2 for r in r_during)
+        assert m_before["eval/avg@k"] == m_during["eval/avg@k"]
+        assert [r["correct"] for r in r_before] == [r["correct"] for r in r_during]

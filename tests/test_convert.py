@@ -157,14 +157,24 @@ def test_cli_writes_flags_and_bf16(converted, tmp_path, capsys):
     out = tmp_path / "bf16"
     assert convert_cli(["hf-to-megatron", "--hf-dir", hf_dir, "--out", str(out), "--dtype", "bf16",
                         "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]) == 0
-    printed = capsys.readouterr().out
-    assert "num-query-groups: 2" in printed and "use-rope-scaling: true" in printed
+    printed = capsys.readouterr()
+    assert "num-query-groups: 2" in printed.out and "use-rope-scaling: true" in printed.out
+    # progress (a log, not a terminal): one line per 30 s at most, the last one at every chunk written
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(out / "iter_0000000")).read_metadata().state_dict_metadata
+    chunks = sum(len(m.chunks) for m in meta.values() if hasattr(m, "chunks"))
+    last = printed.err.strip().splitlines()[-1]
+    assert last.startswith(f"[vopd-convert] hf-to-megatron {chunks}/{chunks} [") and "\r" not in printed.err
     from vopd_megatron.config import parse_config
 
     run, _ = parse_config(["--config", str(out / "model_flags.yaml")])
     assert (run.model.num_query_groups, run.model.rotary_base, run.model.kv_channels) == (2, 500000, 16)
     back = tmp_path / "back"
     assert convert_cli(["megatron-to-hf", "--load", str(out), "--out", str(back)]) == 0
+    layers = run.model.num_layers  # + the embedding, + the final norm and output
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"[vopd-convert] megatron-to-hf {layers + 2}/{layers + 2} [")
     w = load_file(str(back / "model.safetensors"))
     assert w["model.embed_tokens.weight"].dtype == torch.bfloat16
 

@@ -130,6 +130,8 @@ def test_vopd_eval_tp1_tp2_consistent(setup, tmp_path):
         out = _vopd_eval(setup, nproc, tmp_path / f"tp{nproc}", data)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
         assert "reverse_kl" in out.stdout and "pass@2" in out.stdout and "avg@4" in out.stdout
+        progress = [ln for ln in out.stderr.splitlines() if ln.startswith("[vopd-eval] sampling")]
+        assert progress and progress[-1].startswith("[vopd-eval] sampling 20/20 ["), progress  # 5 x 4, rank 0
         summary = json.loads((tmp_path / f"tp{nproc}" / "summary.json").read_text())
         records = [json.loads(line) for line in (tmp_path / f"tp{nproc}" / "problems.jsonl").read_text().splitlines()]
         results[nproc] = summary, records

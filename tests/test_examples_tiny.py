@@ -32,6 +32,10 @@ def test_tiny_example_runs_and_logs(tmp_path, nproc):
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "[vopd] iter      2" in out.stdout
+    # progress in a log: rank 0 alone prints it, a line at the first iteration and at the end
+    progress = [ln for ln in out.stderr.splitlines() if ln.startswith("[vopd] train ")]
+    assert [ln.split(" [")[0] for ln in progress] == ["[vopd] train 1/2", "[vopd] train 2/2"], progress
+    assert "kl=" in progress[-1]
     scalars = read_scalars(tmp_path / "tb")
     assert SCALARS <= scalars.keys(), SCALARS - scalars.keys()
     assert all(len(v) == 2 for k, v in scalars.items() if k in SCALARS)

@@ -283,3 +283,26 @@ def test_bad_records(tmp_path, tok):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "hello"}\n{oops\n')
     with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
         load_prompt_dataset(tmp_path / "bad.jsonl", tok, 64)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_sft_prompts_are_tokenized_as_training_prompts_and_eval_problems(tmp_path, tok, chat):
+    """The same text gives the same ids as a vopd-sft prompt, a vopd-train prompt and an
+    evaluation problem, with a tokenizer that adds a BOS (and through the chat template):
+    a teacher or warm-up trained by vopd-sft sees its prompts in the form it is sampled
+    and evaluated with. The completion continues the sequence: no BOS of its own."""
+    from vopd_megatron.eval import load_eval_problems
+    from vopd_megatron.training.sft import load_sft_rows
+
+    text = "what is two plus three ?"
+    write_jsonl(tmp_path / "sft.jsonl", [{"prompt": text, "completion": "hello world"}])
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": text}])
+    write_jsonl(tmp_path / "eval.jsonl", [{"problem": text, "answer": "5"}])
+    eos, bos = WORDS.index("</s>"), WORDS.index("<s>")
+    (row,) = load_sft_rows(tmp_path / "sft.jsonl", tok, eos, seq_length=64, use_chat_template=chat)
+    (train,), _ = load_prompt_dataset(tmp_path / "prompts.jsonl", tok, 64, use_chat_template=chat)
+    (problem,), _ = load_eval_problems(tmp_path / "eval.jsonl", tok, 64, use_chat_template=chat)
+    assert row.prompt_ids == train == problem.prompt_ids
+    assert row.prompt_ids[0] == bos and row.prompt_ids.count(bos) == 1
+    assert (WORDS.index("<|user|>") in row.prompt_ids) == chat
+    assert row.completion_ids == [WORDS.index("hello"), WORDS.index("world"), eos]

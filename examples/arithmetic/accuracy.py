@@ -1,16 +1,27 @@
-"""Task accuracy of a checkpoint on held-out problems: does the boxed answer equal a + b?
+"""Held-out accuracy of a checkpoint, measured exactly as vopd-train's evaluation measures it.
 
-Used by prepare.py to check the teacher and the warmed-up student before any
-distillation (during distillation, vopd-train's held-out evaluation reports
-accuracy). Samples with the project's in-process sampler, one process, CPU:
+prepare.py reports the teacher's and the warmed-up student's accuracy with
+this before any distillation; the distillation runs report theirs through
+vopd-train's `--eval-*` evaluation. Both are one code path
+(`vopd_megatron/eval/runner.py`: problems tokenized as training prompts, the
+rollout sampler at `--eval-temperature` with `--rollout-max-new-tokens`,
+math-verify grading, seeded by `--seed`), so this number and a run's
+iteration-0 evaluation with the same seed, problems and samples are the same
+number. One sample per problem is a noisy estimate (the warmed-up student's
+is about 9% with a standard deviation of 2 points over 200 problems), so
+prepare.py averages several (`--samples`, avg@k).
 
-    python examples/arithmetic/accuracy.py --config examples/arithmetic/config.yaml \
-        --which teacher --load runs/arithmetic/teacher [--temperature 1.0 | --greedy]
+    python examples/arithmetic/accuracy.py --config examples/arithmetic/config.yaml \\
+        --which teacher --load runs/arithmetic/teacher [--samples 8 | --greedy] [--temperature 1.0]
+
+`boxed_answer` / `accuracy` are the task's own exact grader (the boxed answer
+equals a + b); the tests check that math-verify grades the task's outputs
+the same way.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -28,59 +39,64 @@ def accuracy(texts: list[str], answers: list[str]) -> float:
     return sum(boxed_answer(t) == a for t, a in zip(texts, answers)) / max(len(answers), 1)
 
 
-def checkpoint_accuracy(run, load_dir: str, problems: list[dict], temperature: float, greedy: bool,
-                        max_new_tokens: int, seed: int = 0) -> tuple[float, list[str]]:
-    """Accuracy of the model `run.model` describes, loaded from `load_dir`, and its completions.
+def student_evaluator(run, models, tokenizer, greedy: bool = False):
+    """vopd-train's evaluator of `models.student` on the run's --eval-* problems;
+    greedy: the argmax continuation (top-k 1), one sample per problem.
 
-    Needs an initialised default process group and Megatron parallel state.
-    """
-    import torch
+    Needs an initialised default process group and Megatron parallel state."""
     from megatron.core import parallel_state
 
-    from vopd_megatron.data import load_tokenizer
-    from vopd_megatron.model.builder import build_gpt_stage
-    from vopd_megatron.rollout import RolloutSampler, SamplingConfig
-    from vopd_megatron.training.checkpoint import load_model_weights
+    from vopd_megatron.eval import Evaluator, build_evaluator, eval_sampling_config, load_run_problems
 
-    model = build_gpt_stage(run.model, run.parallel, run.train, parallel_state.is_pipeline_first_stage(),
-                            parallel_state.is_pipeline_last_stage())
-    load_model_weights(load_dir, [model])
-    tok = load_tokenizer(run.data.tokenizer_model)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_k=1 if greedy else 0, eos_id=run.data.eos_id, max_batch_size=len(problems))
-    prompts = [tok.encode(p["problem"], add_special_tokens=False) for p in problems]
-    with torch.no_grad():
-        outs = RolloutSampler([model], sampling, run.model.vocab_size).generate(prompts, seed=seed)
-    texts = [tok._hf.decode(o.completion_ids, skip_special_tokens=True) for o in outs]
-    return accuracy(texts, [p["answer"] for p in problems]), texts
+    problems = load_run_problems(run, tokenizer, log=lambda _: None)
+    if not greedy:
+        return build_evaluator(run, models, tokenizer, problems)
+    sampling = dataclasses.replace(eval_sampling_config(run, tokenizer), top_k=1)
+    return Evaluator(run, models, problems, sampling, samples=1, tokenizer=tokenizer, seed=run.train.seed,
+                     dp_group=parallel_state.get_data_parallel_group())
 
 
-def main(argv=None):
+def parse(argv):
+    """(own flags, RunConfig) of a command line: the model / checkpoint / sampling flags are
+    vopd-train's, and the evaluation is the one its --eval-* flags describe."""
     ap = argparse.ArgumentParser(add_help=True, allow_abbrev=False)
     ap.add_argument("--which", choices=["student", "teacher"], default="student")
     ap.add_argument("--heldout", default=str(Path(__file__).parent / "data" / "heldout.jsonl"))
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--greedy", action="store_true")
+    ap.add_argument("--samples", type=int, default=1, help="samples per problem (avg@k); --greedy: 1")
     ap.add_argument("--max-problems", type=int, default=200)
     own, rest = ap.parse_known_args(argv)
 
-    import dataclasses
-
     from vopd_megatron.config import parse_config
-    from vopd_megatron.training.setup import initialize_parallel
-    from vopd_megatron.training.train import init_distributed
 
-    run, _ = parse_config(rest)
+    run, _ = parse_config(rest + ["--eval-data", own.heldout, "--eval-max-problems", str(own.max_problems),
+                                  "--eval-samples", str(own.samples), "--eval-temperature", str(own.temperature)])
     if own.which == "teacher":
         run = dataclasses.replace(run, model=run.teacher)
+    return own, run
+
+
+def main(argv=None):
+    own, run = parse(argv)
+
+    from vopd_megatron.data import load_tokenizer
+    from vopd_megatron.progress import Progress
+    from vopd_megatron.training.checkpoint import load_model_weights
+    from vopd_megatron.training.setup import build_models, initialize_parallel
+    from vopd_megatron.training.train import init_distributed
+
     init_distributed()
     initialize_parallel(run)
-    problems = [json.loads(line) for line in Path(own.heldout).read_text().splitlines()][: own.max_problems]
-    acc, texts = checkpoint_accuracy(run, run.checkpoint.load, problems, own.temperature, own.greedy,
-                                     run.data.rollout_max_new_tokens)
-    mode = "greedy" if own.greedy else f"T={own.temperature}"
-    print(f"accuracy {acc:.3f} ({mode}, {len(problems)} held-out problems); e.g. "
-          f"{problems[0]['problem']}{texts[0]}")
+    models = build_models(run, with_teacher=False)
+    load_model_weights(run.checkpoint.load, models.student)
+    evaluator = student_evaluator(run, models, load_tokenizer(run.data.tokenizer_model), greedy=own.greedy)
+    with Progress(evaluator.local_samples(), f"accuracy: {own.which}", unit="sample") as progress:
+        result = evaluator.evaluate(on_samples=progress.update)
+    acc, first = result.metrics["eval/avg@k"], result.records[0]
+    mode = "greedy" if own.greedy else f"T={own.temperature}, avg@{own.samples}"
+    print(f"accuracy {acc:.4f} ({mode}, {len(result.records)} held-out problems); e.g. "
+          f"{first['problem']}{first['completions'][0]}", flush=True)
     return acc
 
 

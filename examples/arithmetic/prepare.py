@@ -7,7 +7,8 @@
    solutions (two stages, see TEACHER_STAGE1 / TEACHER).
 3. `vopd-sft`: the 2-layer student, a brief supervised warm-up (few steps), so
    that its own samples look like solutions but are often wrong.
-4. `accuracy.py` on both (held-out, sampled at T=1 as distillation samples, and greedy).
+4. `accuracy.py` on both (held-out, vopd-train's evaluation: avg@4 sampled at T=1 as
+   distillation samples, and greedy).
 
 Each step is cached: a checkpoint directory is reused when the settings that
 made it (recorded in `<dir>/prepare.json`) are unchanged. Seeds are fixed, so
@@ -35,6 +36,9 @@ DATA = HERE / "data"
 TEACHER_STAGE1 = dict(iters=400, decay_iters=1000, batch=64, lr=2e-3, min_lr=1e-4, warmup=30, seed=1234)
 TEACHER = dict(iters=150, batch=64, lr=1e-3, min_lr=1e-4, warmup=0, seed=1235, load="teacher_stage1")
 STUDENT = dict(iters=300, batch=64, lr=2e-3, min_lr=2e-3, warmup=10, seed=2)
+#: How the accuracies before distillation are measured (accuracy.py = vopd-train's evaluation): one
+#: sample per problem would be noisy (about +-2 points for the student), so avg@4 at T=1.
+ACCURACY = dict(problems=200, samples=4, seed=0)
 
 
 def _python() -> str:
@@ -70,26 +74,43 @@ def sft(which: str, recipe: dict, out: Path, log) -> None:
     log(f"[prepare] {which}: done in {time.perf_counter() - t0:.0f} s")
 
 
+def accuracy_command(which: str, ckpt: Path, greedy: bool) -> list[str]:
+    """accuracy.py's arguments: vopd-train's evaluation, avg@ACCURACY["samples"] at T=1, or greedy."""
+    cmd = ["--config", str(CONFIG), "--which", which, "--load", str(ckpt), "--rollout-max-new-tokens", "40",
+           "--max-problems", str(ACCURACY["problems"]), "--seed", str(ACCURACY["seed"])]
+    return cmd + (["--greedy"] if greedy else ["--samples", str(ACCURACY["samples"])])
+
+
 def accuracy(which: str, ckpt: Path, greedy: bool, log) -> float:
-    cmd = [_python(), str(HERE / "accuracy.py"), "--config", str(CONFIG), "--which", which, "--load", str(ckpt),
-           "--rollout-max-new-tokens", "40", "--max-problems", "200"] + (["--greedy"] if greedy else [])
+    cmd = [_python(), str(HERE / "accuracy.py"), *accuracy_command(which, ckpt, greedy)]
     line = _run(cmd, log, prefix="accuracy")
     return float(line.split()[1])
 
 
 def _run(cmd, log, prefix: str) -> str:
-    """Run a command from the repository root; echo and return its last line starting with prefix."""
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(prefix)]
+    """Run a command from the repository root; echo its lines starting with prefix as they
+    come (its progress, every 30 s or so), and return the last of them. Other output (library
+    warnings) is shown only if the command fails."""
+    out, lines = [], []
+    with subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as proc:
+        for ln in proc.stdout:
+            ln = ln.rstrip("\n")
+            out.append(ln)
+            if ln.startswith(prefix):
+                lines.append(ln)
+                log("    " + ln)
     if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        sys.stderr.write("\n".join(out[-60:]) + "\n")
         raise SystemExit(f"[prepare] failed: {' '.join(cmd)}")
-    for ln in lines[-3:]:
-        log("    " + ln)
     return lines[-1]
 
 
-def prepare(out: Path, log=print) -> dict:
+def _print(message: str) -> None:
+    print(message, flush=True)  # flushed: in a log (a pipe) it appears as it happens
+
+
+def prepare(out: Path, log=_print) -> dict:
     """Data + both checkpoints (cached) and their accuracies; returns the summary dict."""
     if not (DATA / "heldout.jsonl").is_file():
         subprocess.run([_python(), str(HERE / "task.py"), "--out", str(DATA)], check=True, env=_env())
@@ -98,7 +119,7 @@ def prepare(out: Path, log=print) -> dict:
     sft("teacher", TEACHER_STAGE1, out / "teacher_stage1", log)
     sft("teacher", TEACHER, out / "teacher", log)
     sft("student", STUDENT, out / "student", log)
-    key = {"teacher_stage1": TEACHER_STAGE1, "teacher": TEACHER, "student": STUDENT}
+    key = {"teacher_stage1": TEACHER_STAGE1, "teacher": TEACHER, "student": STUDENT, "accuracy": ACCURACY}
     if summary_path.is_file():
         cached = json.loads(summary_path.read_text())
         if cached.get("recipes") == key:
@@ -110,7 +131,7 @@ def prepare(out: Path, log=print) -> dict:
             acc[f"{which}_{'greedy' if greedy else 'T1'}"] = accuracy(which, out / which, greedy, log)
     summary = {"recipes": key, "accuracy": acc, "teacher": str(out / "teacher"), "student": str(out / "student")}
     summary_path.write_text(json.dumps(summary, indent=1))
-    log(f"[prepare] held-out accuracy (200 problems): {acc}")
+    log(f"[prepare] held-out accuracy ({ACCURACY['problems']} problems; T=1: avg@{ACCURACY['samples']}): {acc}")
     return summary
 
 

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         flags = convert_hf_to_megatron(
             args.hf_dir, args.out, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
             dtype=args.dtype, check_tp=args.tensor_model_parallel_size,
-            check_pp=args.pipeline_model_parallel_size, overwrite=args.overwrite,
+            check_pp=args.pipeline_model_parallel_size, overwrite=args.overwrite, show_progress=True,
         )
         print(f"wrote {args.out} (torch_dist); model flags ({args.out}/{FLAGS_FILE}):")
         print(yaml.safe_dump(flags, sort_keys=False), end="")
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             model_args = parse_config(["--config", args.config])[0].model
         files = convert_megatron_to_hf(args.load, args.out, model_args=model_args, model_type=args.model_type,
                                        max_shard_bytes=int(args.max_shard_size_gb * 2**30),
-                                       overwrite=args.overwrite)
+                                       overwrite=args.overwrite, show_progress=True)
         print(f"wrote {args.out}: config.json + {len(files)} safetensors file(s)")
     return 0
 

@@ -68,8 +68,9 @@ class LazyTensor:
 class LazySavePlanner(DefaultSavePlanner):
     """DefaultSavePlanner that makes `LazyTensor` chunks only when the writer asks for them."""
 
-    def __init__(self):
+    def __init__(self, on_chunk=None):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.on_chunk = on_chunk  # called once per LazyTensor chunk made (progress)
 
     def resolve_data(self, write_item: WriteItem):
         obj = self.state_dict[write_item.index.fqn]
@@ -80,20 +81,24 @@ class LazySavePlanner(DefaultSavePlanner):
         if tuple(chunk.shape) != expected or chunk.dtype != obj.dtype:
             raise ValueError(f"{write_item.index.fqn}: made a {tuple(chunk.shape)} {chunk.dtype} chunk, "
                              f"expected {expected} {obj.dtype}")
+        if self.on_chunk is not None:
+            self.on_chunk()
         return chunk.contiguous()
 
 
-def write_torch_dist(path: str, tensors: dict[str, LazyTensor], objects: dict[str, object], common: dict) -> None:
+def write_torch_dist(path: str, tensors: dict[str, LazyTensor], objects: dict[str, object], common: dict,
+                     on_chunk=None) -> None:
     """A megatron-core torch_dist checkpoint directory at `path` (which must exist and be empty).
 
     `tensors`: ShardedTensor key -> LazyTensor (global view); `objects`: ShardedObject unique
-    key (`name/shard_<offsets>_<shape>`) -> value; `common`: the common state dict.
+    key (`name/shard_<offsets>_<shape>`) -> value; `common`: the common state dict;
+    `on_chunk()`: called as each tensor chunk is made for writing (progress).
     """
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
     state = {**tensors, **objects}
     writer = FileSystemWriter(path, single_file_per_rank=True, thread_count=1, sync_files=True)
-    dcp_save(state, storage_writer=writer, planner=LazySavePlanner(), no_dist=True)
+    dcp_save(state, storage_writer=writer, planner=LazySavePlanner(on_chunk), no_dist=True)
     torch.save(common, os.path.join(path, "common.pt"))
     save_config(CheckpointingConfig("torch_dist", 1), path)
 

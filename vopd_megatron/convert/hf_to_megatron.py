@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from ..config.schema import ModelArgs
+from ..progress import Progress
 from ..training import checkpoint as ckpt
 from . import mappings as mp
 from .dcp_io import LazyTensor, write_torch_dist
@@ -129,9 +130,10 @@ def check_tensors(hf: HFCheckpoint, m: ModelArgs) -> None:
 
 def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: int = 128,
                            dtype: str | None = None, check_tp: int = 1, check_pp: int = 1,
-                           overwrite: bool = False) -> dict:
+                           overwrite: bool = False, show_progress: bool = False) -> dict:
     """Convert; returns the model flags written to `out_dir/model_flags.yaml`.
-    `out_dir` must be missing or empty unless `overwrite` (outdir.py)."""
+    `out_dir` must be missing or empty unless `overwrite` (outdir.py). show_progress:
+    a progress display over the tensor chunks written (the CLI's)."""
     hf = HFCheckpoint(hf_dir)
     m = model_args_of(hf, make_vocab_size_divisible_by)
     check_layout(m, check_tp, check_pp)
@@ -147,7 +149,9 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisib
     with staged_output(out_dir, hf_dir, overwrite) as staging:
         final = ckpt.checkpoint_dir(staging, 0)
         os.makedirs(final)
-        write_torch_dist(final, tensors, objects, _common_state(hf.config, m))
+        chunks = sum(len(t.chunks) for t in tensors.values())
+        with Progress(chunks, "[vopd-convert] hf-to-megatron", unit="tensor", enabled=show_progress) as progress:
+            write_torch_dist(final, tensors, objects, _common_state(hf.config, m), on_chunk=progress.update)
         with open(os.path.join(final, ckpt.COMPLETE_MARKER), "w") as f:
             json.dump(dict(iteration=0, format_version=ckpt.FORMAT_VERSION, converted_from=os.path.abspath(hf_dir),
                            saved_at=time.time()), f)

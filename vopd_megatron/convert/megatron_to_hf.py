@@ -22,6 +22,7 @@ import warnings
 from ..config.schema import ModelArgs
 from ..training.checkpoint_files import find_latest
 from ..training.megatron_format import model_flags_from_args
+from ..progress import Progress
 from . import mappings as mp
 from .dcp_io import ChunkReader
 from .hf_config import ConversionError, flags_to_model_args, hf_config_to_model_args, model_args_to_hf_config
@@ -90,23 +91,29 @@ def _check_shapes(path: str, reader: ChunkReader, m: ModelArgs) -> None:
 
 def convert_megatron_to_hf(load_dir: str, out_dir: str, *, model_args: ModelArgs | None = None,
                            model_type: str | None = None, max_shard_bytes: int = 5 * 2**30,
-                           overwrite: bool = False) -> list[str]:
+                           overwrite: bool = False, show_progress: bool = False) -> list[str]:
     """Convert the newest complete checkpoint under `load_dir`; returns the safetensors files written.
-    `out_dir` must be missing or empty unless `overwrite` (outdir.py)."""
+    `out_dir` must be missing or empty unless `overwrite` (outdir.py). show_progress: a
+    progress display over the layers written (the CLI's)."""
     path, common, reader = _open_checkpoint(load_dir)
     m, cfg = _resolve_model(common, model_args, model_type)
     _check_shapes(path, reader, m)
-    with staged_output(out_dir, load_dir, overwrite) as staging:
+    # Progress over the layers, plus one for the embedding and one for the final norm and output.
+    with staged_output(out_dir, load_dir, overwrite) as staging, \
+            Progress(m.num_layers + 2, "[vopd-convert] megatron-to-hf", unit="layer", enabled=show_progress) as progress:
         writer = ShardedSafetensorsWriter(staging, max_shard_bytes)
         writer.add(mp.EMBEDDING[1], reader.read(mp.EMBEDDING[0])[: m.vocab_size])
+        progress.update(1)
         for i in range(m.num_layers):
             for lt in mp.layer_tensors(m):
                 parts = lt.to_hf(reader.read(mp.LAYER + lt.key, layer=i), m)
                 for name, t in zip(lt.hf, parts):
                     writer.add(mp.hf_layer_name(i, name), t)
+            progress.update(1)
         writer.add(mp.FINAL_NORM[1], reader.read(mp.FINAL_NORM[0]))
         if m.untie_embeddings_and_output_weights:
             writer.add(mp.OUTPUT[1], reader.read(mp.OUTPUT[0])[: m.vocab_size])
+        progress.update(1)
         files = writer.close()
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)

@@ -27,6 +27,7 @@ from ..config.args import parse_run, to_flat_dict
 from ..config.schema import ConfigError
 from ..data.checks import require_writable_dir
 from ..errors import entry_point, reading_inputs
+from ..progress import Progress
 
 
 def format_table(metrics: dict[str, float], n: int, k: int) -> str:
@@ -80,7 +81,8 @@ def main(argv=None):
         if ck.teacher_load:
             load_model_weights(ck.teacher_load, [models.teacher], fallback=ck.checkpoint_fallback)
         evaluator = build_evaluator(run, models, tokenizer, problems)
-        result = evaluator.evaluate()
+        with Progress(evaluator.local_samples(), "[vopd-eval] sampling", unit="sample") as progress:
+            result = evaluator.evaluate(on_samples=progress.update)
         n, k = e.eval_samples, e.eval_pass_k or e.eval_samples
         if dist.get_rank() == 0:
             print(f"[vopd-eval] {ck.load} (iteration {iteration}), {len(result.records)} problems x {n} samples"

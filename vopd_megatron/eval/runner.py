@@ -65,26 +65,34 @@ class Evaluator:
             return 0, 1
         return dist.get_rank(self.dp_group), dist.get_world_size(self.dp_group)
 
-    def evaluate(self) -> EvalResult:
+    def local_samples(self) -> int:
+        """Completions this rank samples in one evaluation (its block of problems x samples)."""
+        rank, dp = self._dp()
+        P = len(self.problems)
+        return ((rank + 1) * P // dp - rank * P // dp) * self.samples
+
+    def evaluate(self, on_samples=None) -> EvalResult:
+        """One evaluation pass; on_samples(n) is called as this rank's completions are sampled (progress)."""
         from ..training.rng_state import get_rng_state, set_rng_state
 
         rng = get_rng_state()
         modules = [m for stage in self.models.stages + self.models.student for m in stage.modules()]
         flags = [(m, m.training) for m in modules]
         try:
-            return self._evaluate()
+            return self._evaluate(on_samples)
         finally:
             for m, training in flags:
                 m.training = training
             set_rng_state(rng)
 
-    def _evaluate(self) -> EvalResult:
+    def _evaluate(self, on_samples=None) -> EvalResult:
         rank, dp = self._dp()
         P, n = len(self.problems), self.samples
         lo, hi = rank * P // dp, (rank + 1) * P // dp
         mine = self.problems[lo:hi]
         prompts = [p.prompt_ids for p in mine for _ in range(n)]  # problem-major: n rows per problem
-        completions = self.sampler.generate(prompts, seed=mix_seed(self.seed, EVAL_SEED_SALT, rank))
+        completions = self.sampler.generate(prompts, seed=mix_seed(self.seed, EVAL_SEED_SALT, rank),
+                                            on_batch=on_samples)
         reverse_kl = self._reverse_kl(prompts, completions, rows_per_rank=-(-P // dp) * n)
         records = []
         for j, prob in enumerate(mine):

@@ -321,8 +321,10 @@ class RolloutSampler:
                 raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {self.config.max_new_tokens} "
                                  f"exceed the model's max_sequence_length {self.max_sequence_length}")
 
-    def generate(self, prompts: list[list[int]], seed: int) -> list[Completion]:
-        """One completion per prompt, deterministic given the weights, prompts, seed and batch size."""
+    def generate(self, prompts: list[list[int]], seed: int, on_batch=None) -> list[Completion]:
+        """One completion per prompt, deterministic given the weights, prompts, seed and batch size.
+
+        on_batch: called with the number of prompts of each static batch once it is done (progress)."""
         self._validate(prompts)
         if not prompts:
             return []
@@ -340,4 +342,6 @@ class RolloutSampler:
                 generator.manual_seed(mix_seed(seed, start))
                 batch = [list(p) for p in prompts[start : start + cfg.max_batch_size]]
                 raw += backend(self.model, batch, cfg, self.vocab_size, generator)
+                if on_batch is not None:
+                    on_batch(len(batch))
         return [truncate(ids, lps, cfg, self.decode) for ids, lps in raw]

@@ -17,6 +17,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..progress import echo
+
 
 def peak_memory_gb() -> float:
     """Peak device memory of this process (GPU), or its peak RSS (CPU)."""
@@ -87,19 +89,18 @@ class StepLogger:
         self.write(iteration, metrics)
         if self.printer:
             text = " | ".join(f"{k[5:] if k.startswith('eval/') else k} {v:.4f}" for k, v in metrics.items())
-            print(f"[vopd] eval @ iter {iteration:6d} | {text}", flush=True)
+            echo(f"[vopd] eval @ iter {iteration:6d} | {text}")
 
     def log(self, iteration: int, result, extra: str = "") -> None:
         scalars = self.scalars(result)
         self.write(iteration, scalars)
         if self.printer and iteration % self.log_interval == 0:
-            print(
+            echo(
                 f"[vopd] iter {iteration:6d} | KL {scalars['kl']:.4f} | r {scalars['log_ratio']:+.4f} "
                 f"| baseline EV {scalars['baseline_explained_variance']:+.3f} | grad norm {scalars['grad_norm']:.3f} "
                 f"| lr {scalars['lr']:.2e} | {scalars['tokens_per_s']:.0f} tok/s "
                 f"| step {scalars['time/step_s']:.2f} s, rollout {scalars['time/rollout_s']:.2f} s"
-                f"{' | skipped' if result.skipped else ''}{extra}",
-                flush=True,
+                f"{' | skipped' if result.skipped else ''}{extra}"
             )
 
     def close(self):

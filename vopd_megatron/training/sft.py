@@ -38,22 +38,30 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from ..data.prompts import read_records
+from ..data.prompts import prompt_ids, read_records
 from ..errors import DataError, UserError, entry_point, reading_inputs
+from ..progress import Progress, echo
 from .data import Rollout
 from .setup import scheduler_increment
 
 
-def load_sft_rows(path, tokenizer, eos_id: int | None, seq_length: int) -> list[Rollout]:
+def load_sft_rows(path, tokenizer, eos_id: int | None, seq_length: int,
+                  use_chat_template: bool = False) -> list[Rollout]:
     """Tokenized (prompt, completion + EOS) pairs from JSONL / Parquet records;
-    a row longer than seq_length + 1, or with nothing to train on, is an error."""
+    a row longer than seq_length + 1, or with nothing to train on, is an error.
+
+    The prompt is tokenized exactly as vopd-train tokenizes a prompt (and
+    evaluation a problem): the tokenizer's own special tokens (a BOS) kept, the
+    chat template applied with --apply-chat-template, so a model trained here
+    sees its prompts in the form distillation and evaluation give them. The
+    completion continues it: no special tokens of its own, EOS appended."""
     rows = []
     for where, rec in read_records(path, "SFT data file"):
         for key in ("prompt", "completion"):
             if not isinstance(rec.get(key), str):
                 got = "missing" if key not in rec else f"got {type(rec[key]).__name__ if rec[key] is not None else 'null'}"
                 raise DataError(f"{where}: needs a text field {key!r} ({got})")
-        prompt = tokenizer.encode(rec["prompt"], add_special_tokens=False)
+        _, prompt = prompt_ids(where, rec, tokenizer, "prompt", use_chat_template)
         completion = tokenizer.encode(rec["completion"], add_special_tokens=False)
         completion += [eos_id] if eos_id is not None else []
         if not prompt:
@@ -201,7 +209,8 @@ def main(argv=None):
         run.validate(int(os.environ.get("WORLD_SIZE", 1)))
         tokenizer = run_tokenizer(run)
         eos = run_eos_id(run, tokenizer)
-        rows = ShuffledRows(load_sft_rows(own.sft_data, tokenizer, eos, run.model.seq_length), run.train.seed)
+        rows = ShuffledRows(load_sft_rows(own.sft_data, tokenizer, eos, run.model.seq_length,
+                                          run.data.apply_chat_template), run.train.seed)
         preflight_weights(run)  # --load: before any process group
 
     init_distributed(run.parallel.distributed_timeout_minutes)
@@ -215,6 +224,7 @@ def main(argv=None):
         print(f"[sft] {len(rows.rows)} rows from {own.sft_data}; {run.train.train_iters} iterations "
               f"of {run.train.global_batch_size}", flush=True)
     t0 = time.perf_counter()
+    progress = Progress(run.train.train_iters, "[sft]")  # rank 0: a live bar, or a line every 30 s in a log
     for it in range(1, run.train.train_iters + 1):
         batch = rows.take(run.train.global_batch_size)
         microbatches = dp_microbatches(batch, run, device)
@@ -225,18 +235,20 @@ def main(argv=None):
             check_step(SimpleNamespace(metrics=None, skipped=not ok, grad_norm=float(grad_norm or 0.0)), batch,
                        grad_norm_known=grad_norm is not None and run.train.clip_grad > 0)
         scheduler.step(increment=scheduler_increment(run))  # Megatron-LM counts samples
-        if losses and (it % run.logging.log_interval == 0 or it == run.train.train_iters):
-            loss = mean_loss(losses)  # a DP collective: every last-stage rank computes it
+        loss = mean_loss(losses) if losses else None  # a DP collective: every last-stage rank computes it
+        progress.update(1, loss=loss)
+        if loss is not None and (it % run.logging.log_interval == 0 or it == run.train.train_iters):
             norm = float("nan") if grad_norm is None else float(grad_norm)  # None: --clip-grad 0
             if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
-                print(f"[sft] iter {it:5d} | loss {loss:.4f} | grad norm {norm:.3f} "
-                      f"| lr {optimizer.param_groups[0]['lr']:.2e} | {time.perf_counter() - t0:.0f} s", flush=True)
+                echo(f"[sft] iter {it:5d} | loss {loss:.4f} | grad norm {norm:.3f} "
+                     f"| lr {optimizer.param_groups[0]['lr']:.2e} | {time.perf_counter() - t0:.0f} s")
         ck = run.checkpoint
         if ck.save and (it == run.train.train_iters or (ck.save_interval and it % ck.save_interval == 0)):
             # Weights only (no optimizer): what --teacher-load and --load --finetune read.
             path = save_checkpoint(ck.save, it, [model], None, None, {"iteration": it, "consumed_samples": rows.consumed})
             if rank0:
-                print(f"[sft] saved {path}", flush=True)
+                echo(f"[sft] saved {path}")
+    progress.close()
     dist.barrier()
     dist.destroy_process_group()
 

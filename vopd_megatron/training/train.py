@@ -25,6 +25,7 @@ from ..data import check_compatible, check_vocab_fits, load_prompt_dataset, load
 from ..errors import entry_point, reading_inputs
 from ..net import free_local_port
 from .checkpoint_preflight import preflight_train
+from ..progress import Progress
 from .data import JsonlRolloutSource, collate, rollout_stats
 from .faults import at_iteration, check_step
 
@@ -252,6 +253,7 @@ def main(argv=None):
     interval = run.eval.eval_every
     if evaluator is not None and start == 0:  # the baseline before any update
         logger.log_eval(0, evaluator.evaluate().metrics)
+    progress = Progress(run.train.train_iters, "[vopd] train", initial=start)  # rank 0: bar, or a line every 30 s
     for iteration in range(start + 1, run.train.train_iters + 1):
         t0 = time.perf_counter()
         rollouts = source.take(run.train.global_batch_size)  # identical on every rank
@@ -264,6 +266,7 @@ def main(argv=None):
         result.seconds["rollout"] = rollout_s
         result.metrics.update(rollout_stats(rollouts))
         logger.log(iteration, result)
+        progress.update(1, kl=result.metrics.get("kl"), loss=result.metrics.get("loss"))
         stop = should_exit(run, iteration, started)
         last = iteration == run.train.train_iters or stop is not None
         if evaluator is not None and (iteration % interval == 0 or last):
@@ -273,8 +276,10 @@ def main(argv=None):
                             {"iteration": iteration, "consumed_samples": source.consumed,
                              "vopd_loss": run.distill.vopd_loss}, args=ckpt_args)
         if stop is not None:
+            progress.close()
             rank0_print(f"[vopd] stopping after iteration {iteration} ({stop})")
             break
+    progress.close()
     logger.close()
     dist.barrier()
     dist.destroy_process_group()
