@@ -66,15 +66,17 @@ def _lazy_tensors(hf: HFCheckpoint, m: ModelArgs, dtype) -> dict[str, LazyTensor
     return out
 
 
+def weights_only_info() -> dict:
+    """The `vopd` common state of a weights-only checkpoint (iteration 0, no optimizer, TP1 view),
+    as `load_model_weights` and `--load ... --finetune` read it."""
+    layout = dict(world_size=1, model_chunks=1, tp=1, pp=1, cp=1, dp=1)
+    return dict(format_version=ckpt.FORMAT_VERSION, iteration=0, layout=layout, has_optimizer=False,
+                distrib_optim_sharding_type=None, base_seed=0, state={"iteration": 0, "consumed_samples": 0})
+
+
 def _common_state(hf_config: dict, m: ModelArgs) -> dict:
     """The `vopd` common state `load_checkpoint`/`load_model_weights` read, plus the HF origin."""
-    layout = dict(world_size=1, model_chunks=1, tp=1, pp=1, cp=1, dp=1)
-    return {
-        "vopd": dict(format_version=ckpt.FORMAT_VERSION, iteration=0, layout=layout, has_optimizer=False,
-                     distrib_optim_sharding_type=None, base_seed=0,
-                     state={"iteration": 0, "consumed_samples": 0}),
-        "vopd_convert": dict(hf_config=hf_config, model_flags=model_flags(m)),
-    }
+    return {"vopd": weights_only_info(), "vopd_convert": dict(hf_config=hf_config, model_flags=model_flags(m))}
 
 
 def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: int = 128,
@@ -90,22 +92,29 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisib
         f"{mp.LAYER}{name}._extra_state/shard_{i}_{m.num_layers}": [None]  # megatron stores [obj.data]
         for name in mp.EXTRA_STATE_KEYS for i in range(m.num_layers)
     }
+    flags = model_flags(m)
+    write_weights_checkpoint(out_dir, tensors, objects, _common_state(hf.config, m),
+                             {"converted_from": os.path.abspath(hf_dir)}, flags,
+                             f"Megatron model flags of {os.path.abspath(hf_dir)} (vopd-convert)")
+    return flags
+
+
+def write_weights_checkpoint(out_dir: str, tensors: dict, objects: dict, common: dict, marker: dict,
+                             flags: dict, flags_title: str) -> None:
+    """A weights-only checkpoint `out_dir/iter_0000000` published the way `vopd-train` publishes one
+    (staging directory, completion marker, then the tracker), and `out_dir/model_flags.yaml`."""
     final = ckpt.checkpoint_dir(out_dir, 0)
     staging = final + ".incomplete"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    write_torch_dist(staging, tensors, objects, _common_state(hf.config, m))
+    write_torch_dist(staging, tensors, objects, common)
     with open(os.path.join(staging, ckpt.COMPLETE_MARKER), "w") as f:
-        json.dump(dict(iteration=0, format_version=ckpt.FORMAT_VERSION, converted_from=os.path.abspath(hf_dir),
-                       saved_at=time.time()), f)
+        json.dump(dict(iteration=0, format_version=ckpt.FORMAT_VERSION, saved_at=time.time(), **marker), f)
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(staging, final)
     with open(os.path.join(out_dir, ckpt.TRACKER_FILENAME), "w") as f:
         f.write("0\n")
-    flags = model_flags(m)
     with open(os.path.join(out_dir, FLAGS_FILE), "w") as f:
-        f.write(f"# Megatron model flags of {os.path.abspath(hf_dir)} (vopd-convert); "
-                "use as --config or --teacher-model-config\n")
+        f.write(f"# {flags_title}; use as --config or --teacher-model-config\n")
         yaml.safe_dump(flags, f, sort_keys=False)
-    return flags
