@@ -128,6 +128,7 @@ def megatron_runs(smollm2, gloo_pools):
 def _check_logits(got, ref, what):
     err = float((got - ref).abs().max())
     scale = float(ref.abs().max())
+    print(f"{what}: max |logit diff| {err:.2e} at logit scale {scale:.1f}")  # shown with pytest -s
     assert err <= LOGIT_ATOL, f"{what}: max |logit diff| {err:.2e} at logit scale {scale:.1f}"
     assert torch.equal(got.argmax(-1), ref.argmax(-1)), f"{what}: argmax differs"
 
