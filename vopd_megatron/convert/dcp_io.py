@@ -14,7 +14,9 @@ at any TP/PP like a checkpoint megatron-core saved.
 Reading. `ChunkReader` reads the torch_dist metadata and then only the stored
 chunks that overlap the requested slice (one layer of a stacked tensor), so a
 checkpoint saved at any layout (per-TP-rank chunks included) is read back as
-global tensors without loading the whole checkpoint.
+global tensors without loading the whole checkpoint. Objects (megatron-core's
+`ShardedObject`s, stored as pickled bytes) are read as their raw bytes and can
+be written back unchanged (`RawBytes`), without unpickling them.
 """
 from __future__ import annotations
 
@@ -65,6 +67,13 @@ class LazyTensor:
         ]
 
 
+@dataclass
+class RawBytes:
+    """An object's stored bytes, written back as they are (not pickled again)."""
+
+    data: bytes
+
+
 class LazySavePlanner(DefaultSavePlanner):
     """DefaultSavePlanner that makes `LazyTensor` chunks only when the writer asks for them."""
 
@@ -74,6 +83,8 @@ class LazySavePlanner(DefaultSavePlanner):
 
     def resolve_data(self, write_item: WriteItem):
         obj = self.state_dict[write_item.index.fqn]
+        if isinstance(obj, RawBytes):
+            return io.BytesIO(obj.data)
         if not isinstance(obj, LazyTensor):
             return super().resolve_data(write_item)
         chunk = obj.make(tuple(write_item.index.offset))
@@ -91,8 +102,9 @@ def write_torch_dist(path: str, tensors: dict[str, LazyTensor], objects: dict[st
     """A megatron-core torch_dist checkpoint directory at `path` (which must exist and be empty).
 
     `tensors`: ShardedTensor key -> LazyTensor (global view); `objects`: ShardedObject unique
-    key (`name/shard_<offsets>_<shape>`) -> value; `common`: the common state dict;
-    `on_chunk()`: called as each tensor chunk is made for writing (progress).
+    key (`name/shard_<offsets>_<shape>`) -> value (pickled on write) or `RawBytes` (written as
+    they are); `common`: the common state dict; `on_chunk()`: called as each tensor chunk is
+    made for writing (progress).
     """
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
@@ -111,7 +123,20 @@ class ChunkReader:
         self.metadata = FileSystemReader(path).read_metadata()
 
     def keys(self) -> list[str]:
+        """Every stored key: tensors and objects."""
         return list(self.metadata.state_dict_metadata)
+
+    def is_tensor(self, key: str) -> bool:
+        return hasattr(self.metadata.state_dict_metadata[key], "chunks")
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensor_meta(key).properties.dtype
+
+    def read_bytes(self, key: str) -> bytes:
+        """The stored bytes of the object `key` (a ShardedObject's unique key), not unpickled."""
+        if key not in self.metadata.state_dict_metadata or self.is_tensor(key):
+            raise KeyError(f"{self.path} has no object {key!r}")
+        return self._read_item(key, MetadataIndex(key))
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._tensor_meta(key).size)
@@ -122,10 +147,11 @@ class ChunkReader:
             raise KeyError(f"{self.path} has no tensor {key!r}")
         return meta
 
-    def _read_chunk(self, key: str, offsets) -> torch.Tensor:
+    def _read_item(self, key: str, index: MetadataIndex) -> bytes:
+        """The stored bytes of one item, naming a missing or truncated file."""
         from .hf_config import ConversionError
 
-        info = self.metadata.storage_data[MetadataIndex(key, torch.Size(offsets))]
+        info = self.metadata.storage_data[index]
         if getattr(info, "transform_descriptors", None):
             raise ConversionError(f"{key}: chunk stored with transforms {info.transform_descriptors}, not supported")
         file = os.path.join(self.path, info.relative_path)
@@ -138,9 +164,17 @@ class ChunkReader:
         if len(data) != info.length:
             raise ConversionError(f"{file} is truncated: {key} needs bytes {info.offset}..{info.offset + info.length},"
                                   f" the file ends at {info.offset + len(data)}")
+        return data
+
+    def _read_chunk(self, key: str, offsets) -> torch.Tensor:
+        from .hf_config import ConversionError
+
+        data = self._read_item(key, MetadataIndex(key, torch.Size(offsets)))
         try:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means damaged bytes
+            file = os.path.join(self.path, self.metadata.storage_data[MetadataIndex(key, torch.Size(offsets))]
+                                .relative_path)
             raise ConversionError(f"{file}: {key} cannot be read (damaged?): {type(exc).__name__}") from None
 
     def read(self, key: str, layer: int | None = None) -> torch.Tensor:

@@ -63,21 +63,30 @@ def _lazy_tensors(hf: HFCheckpoint, m: ModelArgs, dtype) -> dict[str, LazyTensor
     return out
 
 
+def weights_only_info() -> dict:
+    """The `vopd` common state of a weights-only checkpoint (iteration 0, no optimizer, TP1 view),
+    as `load_model_weights` and `--load ... --finetune` read it."""
+    layout = dict(world_size=1, model_chunks=1, tp=1, pp=1, cp=1, dp=1)
+    return dict(format_version=ckpt.FORMAT_VERSION, iteration=0, layout=layout, has_optimizer=False,
+                distrib_optim_sharding_type=None, base_seed=0, state={"iteration": 0, "consumed_samples": 0})
+
+
 def _common_state(hf_config: dict, m: ModelArgs) -> dict:
     """The `vopd` common state `load_checkpoint`/`load_model_weights` read, the HF origin, and the keys
-    Megatron-LM reads (`args` with the model shape, `iteration` 0: load it there with --finetune)."""
+    Megatron-LM reads (`megatron_common`)."""
+    return {**megatron_common(m), "vopd": weights_only_info(),
+            "vopd_convert": dict(hf_config=hf_config, model_flags=model_flags(m))}
+
+
+def megatron_common(m: ModelArgs) -> dict:
+    """The keys Megatron-LM's load_checkpoint reads of a weights-only checkpoint of model `m`:
+    `args` with the model shape, `iteration` 0 (load it there with --finetune), the version."""
     from ..training import megatron_format as mf
 
     layout = dict(world_size=1, model_chunks=1, tp=1, pp=1, cp=1, dp=1)
     args = mf.checkpoint_args(mf.namespace_from_model_args(m), layout, iteration=0, consumed_samples=0,
                               has_optimizer=False, distopt_sharding=None)
-    return {
-        "args": args, "iteration": 0, "checkpoint_version": mf.CHECKPOINT_VERSION,
-        "vopd": dict(format_version=ckpt.FORMAT_VERSION, iteration=0, layout=layout, has_optimizer=False,
-                     distrib_optim_sharding_type=None, base_seed=0,
-                     state={"iteration": 0, "consumed_samples": 0}),
-        "vopd_convert": dict(hf_config=hf_config, model_flags=model_flags(m)),
-    }
+    return {"args": args, "iteration": 0, "checkpoint_version": mf.CHECKPOINT_VERSION}
 
 
 #: config.json fields that must be positive integers (the optional ones may be absent or null).
@@ -146,19 +155,36 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisib
         for name in mp.EXTRA_STATE_KEYS for i in range(m.num_layers)
     }
     flags = model_flags(m)
-    with staged_output(out_dir, hf_dir, overwrite) as staging:
+    write_weights_checkpoint(out_dir, tensors, objects, _common_state(hf.config, m),
+                             {"converted_from": os.path.abspath(hf_dir)}, flags,
+                             f"Megatron model flags of {os.path.abspath(hf_dir)} (vopd-convert)",
+                             source=hf_dir, overwrite=overwrite, show_progress=show_progress,
+                             label="[vopd-convert] hf-to-megatron")
+    return flags
+
+
+def write_weights_checkpoint(out_dir: str, tensors: dict, objects: dict, common: dict, marker: dict,
+                             flags: dict, flags_title: str, *, source: str, overwrite: bool = False,
+                             show_progress: bool = False, label: str = "[vopd-convert]", check=None):
+    """A weights-only checkpoint `out_dir/iter_0000000` (completion marker, tracker) and
+    `out_dir/model_flags.yaml`, built in a staging directory and moved in place only when
+    complete (outdir.staged_output: a non-empty `out_dir` is refused unless `overwrite`).
+    check(iteration_dir), if given, runs on the staged output before it is published; its
+    result is returned (a failed check leaves nothing behind)."""
+    result = None
+    with staged_output(out_dir, source, overwrite) as staging:
         final = ckpt.checkpoint_dir(staging, 0)
         os.makedirs(final)
         chunks = sum(len(t.chunks) for t in tensors.values())
-        with Progress(chunks, "[vopd-convert] hf-to-megatron", unit="tensor", enabled=show_progress) as progress:
-            write_torch_dist(final, tensors, objects, _common_state(hf.config, m), on_chunk=progress.update)
+        with Progress(chunks, label, unit="tensor", enabled=show_progress) as progress:
+            write_torch_dist(final, tensors, objects, common, on_chunk=progress.update)
         with open(os.path.join(final, ckpt.COMPLETE_MARKER), "w") as f:
-            json.dump(dict(iteration=0, format_version=ckpt.FORMAT_VERSION, converted_from=os.path.abspath(hf_dir),
-                           saved_at=time.time()), f)
+            json.dump(dict(iteration=0, format_version=ckpt.FORMAT_VERSION, saved_at=time.time(), **marker), f)
         with open(os.path.join(staging, ckpt.TRACKER_FILENAME), "w") as f:
             f.write("0\n")
         with open(os.path.join(staging, FLAGS_FILE), "w") as f:
-            f.write(f"# Megatron model flags of {os.path.abspath(hf_dir)} (vopd-convert); "
-                    "use as --config or --teacher-model-config\n")
+            f.write(f"# {flags_title}; use as --config or --teacher-model-config\n")
             yaml.safe_dump(flags, f, sort_keys=False)
-    return flags
+        if check is not None:
+            result = check(final)
+    return result
