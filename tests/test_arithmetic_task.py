@@ -91,11 +91,14 @@ def _same_measure_case(root, tmp):
     data = ["--tokenizer-model", str(tmp / "tokenizer.json"), "--prompt-data", str(tmp / "prompts.jsonl"),
             "--eval-data", str(tmp / "heldout.jsonl")]
     train_argv = compare_modes.train_command("vopd", 1, recipe, prep, tmp / "run")
-    train_run, _ = parse_config(train_argv[train_argv.index("--config"):] + data)
+    # Two ranks are DP 2 here: Megatron-LM's rules want the global batch to split into micro-batches
+    # on both ranks (the recipe's single micro-batch is for one process).
+    dp2 = ["--micro-batch-size", str(recipe["global_batch"] // 2)]
+    train_run, _ = parse_config(train_argv[train_argv.index("--config"):] + data + dp2)
     own, acc_run = accuracy.parse(prepare.accuracy_command("student", tmp / "student", greedy=False)
                                   + ["--heldout", str(tmp / "heldout.jsonl"), "--tokenizer-model",
                                      str(tmp / "tokenizer.json"), "--seed", "1", "--samples", "2",
-                                     "--max-problems", "12"])
+                                     "--max-problems", "12", "--micro-batch-size", "16"])  # DP 2, as above
     initialize_parallel(train_run)
     try:
         models = build_models(train_run)

@@ -201,14 +201,14 @@ def mg_copy(models, tmp_path: Path, case: str) -> tuple[list[str], str, str]:
     if case == "no-checkpoint":
         shutil.rmtree(mg)
         mg.mkdir()
-        return ["--load", str(mg)], mg, "holds no complete vopd_megatron checkpoint"
+        return ["--load", str(mg)], mg, "holds no complete torch_dist checkpoint"
     if case == "deleted-shard":
         victim = next(p for p in it.iterdir() if p.suffix == ".distcp")
         victim.unlink()
-        return ["--load", str(mg)], victim, "is missing (a damaged checkpoint"
+        return ["--load", str(mg)], victim, "is missing (listed in"
     if case == "damaged-common":
         (it / "common.pt").write_bytes(b"not a pickle")
-        return ["--load", str(mg)], it, "cannot read the checkpoint's common state"
+        return ["--load", str(mg)], it, "the common state of"
     if case == "flags-disagree":
         flags = (mg / "model_flags.yaml").read_text().replace("num-layers: 2", "num-layers: 3")
         (tmp_path / "flags.yaml").write_text(flags)
