@@ -211,7 +211,7 @@ class CheckpointArgs:
     finetune: bool = False
     """Load only the model weights from --load (e.g. a converted Hugging Face
     checkpoint) and start at iteration 0 with a fresh optimizer (Megatron-LM's --finetune)."""
-    checkpoint_fallback: bool = True
+    checkpoint_fallback: bool = flag_field(True, plugin=True)
     """When the newest checkpoint under --load / --teacher-load is damaged or
     unfinished, load the previous intact iteration with a warning (--no-checkpoint-fallback:
     stop with an error instead)."""
