@@ -40,8 +40,9 @@ STAGE_MODULES = [
 
 #: Imported here, but only behind `pytest.importorskip` or a lazy import the
 #: stages never reach: math-verify (vopd-eval's grader; tests/test_eval_cli.py
-#: skips without it).
-OPTIONAL = {"math-verify"}
+#: skips without it), gguf (SmolLM2's GGUF reader; tests/test_smollm2.py skips
+#: without it; accelerate comes with it).
+OPTIONAL = {"math-verify", "gguf", "accelerate"}
 
 
 def normalise(name: str) -> str:

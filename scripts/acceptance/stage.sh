@@ -116,7 +116,7 @@ stage_train() {
   "$py" -m vopd_megatron.training.train --config "$cfg" --dry-run --gpu-memory-gb 141 > "$W/logs/train_plan.txt"
   cat "$W/logs/train_plan.txt"
   local launch=("$py" -m vopd_megatron.training.train --config "$cfg")
-  "${launch[@]}" --train-iters "$first" --save "$W/ckpt" --tensorboard-dir "$W/tb1"
+  "${launch[@]}" --train-iters "$first" --save "$W/ckpt" --save-interval "$first" --tensorboard-dir "$W/tb1"
   "${launch[@]}" --load "$W/ckpt" --tensorboard-dir "$W/tb2"
   report train "$W/tb1/metrics.jsonl" "$W/tb2/metrics.jsonl" --first-iters "$first" \
     --dry-run "$W/logs/train_plan.txt" --csv-out "$O/train.csv" --note "$note" --md "$md"
