@@ -126,8 +126,6 @@ def main(argv=None):
 
     with reading_inputs():  # a bad flag: one error line
         run, _ = parse_config(rest + ["--global-batch-size", str(own.prompts)])
-    # --vopd-top-k is the k of the top-k modes among --modes, whatever --vopd-loss says.
-    top_k, run.distill.vopd_top_k = run.distill.vopd_top_k, None
     modes = own.modes.split(",")
     unknown = set(modes) - set(LOSS_MODES)
     if unknown:
@@ -139,6 +137,7 @@ def main(argv=None):
     with reading_inputs():  # bad flags or data: a one-line error before anything is built
         run.validate(int(os.environ.get("WORLD_SIZE", 1)))
         inputs = load_inputs(run, evaluate=False)  # tokenized exactly as vopd-train's prompts
+    top_k = run.distill.vopd_top_k  # the k of the top-k modes among --modes (validated with a top-k --vopd-loss)
     if len(inputs.prompts) < own.prompts:  # the fixed batch would silently be smaller
         raise SystemExit(f"error: --prompts {own.prompts}: {run.data.prompt_data} has only {len(inputs.prompts)} "
                          "prompts that fit the sequence")
