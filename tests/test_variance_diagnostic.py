@@ -92,3 +92,27 @@ def test_exact_variance_summary_is_the_trace_of_the_covariance():
     got = variance_summary(grads)
     assert got["total_variance"] == pytest.approx(float(torch.cov(grads.T).trace()), rel=1e-12)
     assert got["mean_grad_sq_norm"] == pytest.approx(float(grads.mean(0).square().sum()), rel=1e-12)
+
+
+def test_exact_variance_cli_measures_top_k_modes(tmp_path):
+    """`grad_variance` as the quickstart calls it: a top-k --vopd-loss with --vopd-top-k (which the
+    front end validates together) and a mix of top-k and full modes in --modes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "variance.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vopd_megatron.training.grad_variance", "--config", "examples/tiny/config.yaml",
+         "--vopd-loss", "vopd_topk", "--vopd-top-k", "4", "--micro-batch-size", "4", "--rollout-max-new-tokens",
+         "6", "--resamples", "2", "--prompts", "4", "--modes", "opd,vopd_topk,full_kl", "--out", str(out)],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())["modes"]
+    assert set(result) == {"opd", "vopd_topk", "full_kl"}
+    for mode, s in result.items():
+        assert s["total_variance"] > 0 and s["ratio_to_opd"] == pytest.approx(
+            s["total_variance"] / result["opd"]["total_variance"]), mode
