@@ -45,8 +45,9 @@ def _resolve_model(common: dict, model_args: ModelArgs | None, model_type: str |
     return model_args, cfg
 
 
-def _open_checkpoint(load_dir: str):
-    """(path of the newest complete iteration, its common state, a ChunkReader), naming what is wrong."""
+def open_checkpoint(load_dir: str, doing: str = "converting"):
+    """(path of the newest complete iteration, its common state, a ChunkReader), naming what is wrong;
+    a damaged newer iteration is skipped with a warning ("...; <doing> iteration N")."""
     from megatron.core.dist_checkpointing import load_common_state_dict
 
     if not os.path.isdir(load_dir):
@@ -58,7 +59,7 @@ def _open_checkpoint(load_dir: str):
         raise ConversionError(f"--load {load_dir} holds no complete torch_dist checkpoint"
                               + (f" ({detail})" if detail else ""))
     for note in found.notes:
-        warnings.warn(f"{load_dir}: {note}; converting iteration {found.iteration}", stacklevel=3)
+        warnings.warn(f"{load_dir}: {note}; {doing} iteration {found.iteration}", stacklevel=3)
     path, common = found.path, found.common
     if common is None:
         try:
@@ -95,7 +96,7 @@ def convert_megatron_to_hf(load_dir: str, out_dir: str, *, model_args: ModelArgs
     """Convert the newest complete checkpoint under `load_dir`; returns the safetensors files written.
     `out_dir` must be missing or empty unless `overwrite` (outdir.py). show_progress: a
     progress display over the layers written (the CLI's)."""
-    path, common, reader = _open_checkpoint(load_dir)
+    path, common, reader = open_checkpoint(load_dir)
     m, cfg = _resolve_model(common, model_args, model_type)
     _check_shapes(path, reader, m)
     # Progress over the layers, plus one for the embedding and one for the final norm and output.

@@ -34,13 +34,11 @@ from __future__ import annotations
 import os
 import re
 
-import warnings
-
-from ..training.checkpoint_files import find_latest
 from . import mappings as mp
 from .dcp_io import ChunkReader, LazyTensor, RawBytes
 from .hf_config import ConversionError, flags_to_model_args, model_flags
 from .hf_to_megatron import FLAGS_FILE, megatron_common, weights_only_info, write_weights_checkpoint
+from .megatron_to_hf import open_checkpoint
 
 #: Stored keys that are not model state: the optimizer's tensors and objects, vopd-train's and
 #: Megatron-LM's RNG states.
@@ -142,23 +140,9 @@ def prune_checkpoint(load_dir: str, out_dir: str, *, drop: str | None = None, ke
     """Write the pruned checkpoint; returns {"kept": [...], "num_layers": n, "flags": {...}, "checked": k}.
     `out_dir` must be missing or empty unless `overwrite`; nothing is published unless the
     parity check (when on) passed."""
-    from megatron.core.dist_checkpointing import load_common_state_dict
-
-    if not os.path.isdir(load_dir):
-        raise ConversionError(f"--load {load_dir} " + ("is a file; expected a checkpoint directory"
-                                                        if os.path.exists(load_dir) else "does not exist"))
-    found = find_latest(load_dir)  # the newest intact iteration; damaged newer ones are named
-    if found.path is None:
-        detail = "; ".join(found.notes)
-        raise ConversionError(f"--load {load_dir} holds no complete torch_dist checkpoint"
-                              + (f" ({detail})" if detail else ""))
-    for note in found.notes:
-        warnings.warn(f"{load_dir}: {note}; pruning iteration {found.iteration}", stacklevel=2)
-    source = found.path
-    reader = ChunkReader(source)
+    source, common, reader = open_checkpoint(load_dir, doing="pruning")
     plan = _Plan(reader)
     kept = kept_layers(plan.num_layers, drop, keep)
-    common = found.common if found.common is not None else load_common_state_dict(source)
     flags, extra = _flags(common, plan.num_layers, kept, model_args)
 
     tensors = {}
