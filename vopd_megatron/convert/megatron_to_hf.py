@@ -20,7 +20,7 @@ import os
 import warnings
 
 from ..config.schema import ModelArgs
-from ..training.checkpoint_files import find_latest
+from ..training.checkpoint_files import find_latest, short_error
 from ..training.megatron_format import model_flags_from_args
 from ..progress import Progress
 from . import mappings as mp
@@ -66,12 +66,12 @@ def open_checkpoint(load_dir: str, doing: str = "converting"):
             common = load_common_state_dict(path)
         except Exception as exc:  # noqa: BLE001 - megatron wraps unpickling and I/O errors in several types
             raise ConversionError(f"{path}: cannot read the checkpoint's common state ({type(exc).__name__}: "
-                                  f"{' '.join(str(exc).split())[:200]})") from None
+                                  f"{short_error(exc)})") from None
     try:
         reader = ChunkReader(path)
     except Exception as exc:  # noqa: BLE001 - torch DCP raises bare errors for a damaged .metadata
         raise ConversionError(f"{path}/.metadata: cannot read the torch_dist metadata ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:200]})") from None
+                              f"{short_error(exc)})") from None
     return path, common, reader
 
 

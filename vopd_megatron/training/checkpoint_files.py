@@ -44,7 +44,7 @@ ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 
 
 
-def _short(exc: BaseException, limit: int = 200) -> str:
+def short_error(exc: BaseException, limit: int = 200) -> str:
     """An exception's text on one line, cut at `limit` characters (torch's unpickling errors run
     to a page of advice that would bury the file's name)."""
     text = " ".join(str(exc).split())
@@ -116,7 +116,7 @@ def _check_data_files(path: str, index: str) -> str | None:
     try:
         metadata = FileSystemReader(path).read_metadata()
     except Exception as exc:  # a truncated or overwritten pickle: any unpickling error
-        return f"{index} is damaged and cannot be read ({type(exc).__name__}: {_short(exc)})"
+        return f"{index} is damaged and cannot be read ({type(exc).__name__}: {short_error(exc)})"
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -137,7 +137,7 @@ def read_common_state(path: str) -> dict:
     try:
         common = load_common_state_dict(path)
     except Exception as exc:
-        raise CheckpointError(f"the common state of {path} cannot be read ({type(exc).__name__}: {_short(exc)})") \
+        raise CheckpointError(f"the common state of {path} cannot be read ({type(exc).__name__}: {short_error(exc)})") \
             from exc
     if not isinstance(common, dict):
         raise CheckpointError(f"the common state of {path} is a {type(common).__name__}, not a dict")
