@@ -40,7 +40,8 @@ from .schema import CheckpointArgs, ConfigError, DataArgs, DistillArgs, EvalArgs
 #: Plugin sections of RunConfig (attribute, class): every field is a flag of ours.
 PLUGIN_SECTIONS = (("distill", DistillArgs), ("data", DataArgs), ("eval", EvalArgs))
 #: Fields of Megatron-backed sections that are the plugin's flags.
-PLUGIN_FIELDS_ELSEWHERE = (("checkpoint", CheckpointArgs, "teacher_load"), ("checkpoint", CheckpointArgs, "checkpoint_fallback"))
+PLUGIN_FIELDS_ELSEWHERE = (("checkpoint", CheckpointArgs, "teacher_load"),
+                           ("checkpoint", CheckpointArgs, "checkpoint_fallback"))
 
 
 class Spec(NamedTuple):

@@ -100,8 +100,8 @@ def convert_megatron_to_hf(load_dir: str, out_dir: str, *, model_args: ModelArgs
     m, cfg = _resolve_model(common, model_args, model_type)
     _check_shapes(path, reader, m)
     # Progress over the layers, plus one for the embedding and one for the final norm and output.
-    with staged_output(out_dir, load_dir, overwrite) as staging, \
-            Progress(m.num_layers + 2, "[vopd-convert] megatron-to-hf", unit="layer", enabled=show_progress) as progress:
+    progress = Progress(m.num_layers + 2, "[vopd-convert] megatron-to-hf", unit="layer", enabled=show_progress)
+    with staged_output(out_dir, load_dir, overwrite) as staging, progress:
         writer = ShardedSafetensorsWriter(staging, max_shard_bytes)
         writer.add(mp.EMBEDDING[1], reader.read(mp.EMBEDDING[0])[: m.vocab_size])
         progress.update(1)
