@@ -85,7 +85,7 @@ def test_tp2_diagnostic_matches_plain(gloo_pools, cfg):
 
 
 def test_exact_variance_summary_is_the_trace_of_the_covariance():
-    from vopd_megatron.training.grad_variance import variance_summary
+    from vopd_megatron.training.variance import variance_summary
 
     g = torch.Generator().manual_seed(3)
     grads = torch.randn(6, 10, generator=g, dtype=torch.float64) * torch.arange(1, 11)  # [R, P]

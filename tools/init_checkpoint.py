@@ -30,22 +30,24 @@ def main(argv=None):
 
     from vopd_megatron.config import parse_config
     from vopd_megatron.training.checkpoint import save_checkpoint
-    from vopd_megatron.training.setup import build_models, initialize_parallel
-    from vopd_megatron.training.train import init_distributed
+    from vopd_megatron import launch
+    from vopd_megatron.megatron import cpu_compat
+    from vopd_megatron.runtime.startup import start
+    from vopd_megatron.training.setup import build_models
 
     with reading_inputs():  # before any process group: flags and --out
         run, _ = parse_config(rest)
-        run.validate(int(os.environ.get("WORLD_SIZE", 1)))
+        run.validate(launch.world_size() or 1)
         if os.path.exists(own.out) and (not os.path.isdir(own.out) or os.listdir(own.out)) and not own.overwrite:
             raise UserError(f"--out {own.out} exists and is not an empty directory; pass --overwrite to replace it")
-    if own.overwrite and int(os.environ.get("RANK", 0)) == 0 and os.path.isdir(own.out):
+    if own.overwrite and launch.rank() == 0 and os.path.isdir(own.out):
         shutil.rmtree(own.out)
-    init_distributed(run.parallel.distributed_timeout_minutes)
-    initialize_parallel(run)
-    models = build_models(run)
+    cpu_compat.enable()  # without CUDA: megatron-core on CPU with gloo; no-op with CUDA
+    ctx = start(run)
+    models = build_models(run, ctx)
     chosen = models.student if own.which == "student" else [models.teacher]
     path = save_checkpoint(own.out, 0, chosen, None, None, {"iteration": 0, "consumed_samples": 0})
-    if dist.get_rank() == 0:
+    if ctx.reports:
         print(f"wrote the {own.which}'s initial weights to {path}")
     dist.destroy_process_group()
 

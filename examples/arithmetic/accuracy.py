@@ -39,21 +39,18 @@ def accuracy(texts: list[str], answers: list[str]) -> float:
     return sum(boxed_answer(t) == a for t, a in zip(texts, answers)) / max(len(answers), 1)
 
 
-def student_evaluator(run, models, tokenizer, greedy: bool = False):
+def student_evaluator(run, models, tokenizer, ctx, greedy: bool = False):
     """vopd-train's evaluator of `models.student` on the run's --eval-* problems;
     greedy: the argmax continuation (top-k 1), one sample per problem.
 
-    Needs an initialised default process group and Megatron parallel state."""
-    from megatron.core import parallel_state
-
+    ctx: the `ParallelContext` of the started run (runtime/startup.py)."""
     from vopd_megatron.eval import Evaluator, build_evaluator, eval_sampling_config, load_run_problems
 
     problems = load_run_problems(run, tokenizer, log=lambda _: None)
     if not greedy:
-        return build_evaluator(run, models, tokenizer, problems)
+        return build_evaluator(run, models, tokenizer, problems, ctx)
     sampling = dataclasses.replace(eval_sampling_config(run, tokenizer), top_k=1)
-    return Evaluator(run, models, problems, sampling, samples=1, tokenizer=tokenizer, seed=run.train.seed,
-                     dp_group=parallel_state.get_data_parallel_group())
+    return Evaluator(run, models, problems, sampling, ctx, samples=1, tokenizer=tokenizer, seed=run.train.seed)
 
 
 def parse(argv):
@@ -83,14 +80,15 @@ def main(argv=None):
     from vopd_megatron.data import load_tokenizer
     from vopd_megatron.progress import Progress
     from vopd_megatron.training.checkpoint import load_model_weights
-    from vopd_megatron.training.setup import build_models, initialize_parallel
-    from vopd_megatron.training.train import init_distributed
+    from vopd_megatron.megatron import cpu_compat
+    from vopd_megatron.runtime.startup import start
+    from vopd_megatron.training.setup import build_models
 
-    init_distributed()
-    initialize_parallel(run)
-    models = build_models(run, with_teacher=False)
+    cpu_compat.enable()  # without CUDA: megatron-core on CPU with gloo; no-op with CUDA
+    ctx = start(run)
+    models = build_models(run, ctx, with_teacher=False)
     load_model_weights(run.checkpoint.load, models.student)
-    evaluator = student_evaluator(run, models, load_tokenizer(run.data.tokenizer_model), greedy=own.greedy)
+    evaluator = student_evaluator(run, models, load_tokenizer(run.data.tokenizer_model), ctx, greedy=own.greedy)
     with Progress(evaluator.local_samples(), f"accuracy: {own.which}", unit="sample") as progress:
         result = evaluator.evaluate(on_samples=progress.update)
     acc, first = result.metrics["eval/avg@k"], result.records[0]

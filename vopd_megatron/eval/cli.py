@@ -49,10 +49,10 @@ def write_outputs(out_dir: str, summary: dict, records: list[dict]) -> None:
 
 @entry_point
 def main(argv=None):
-    from ..training.train import init_distributed, rank0_print, run_tokenizer
-    from .runner import build_evaluator, load_run_problems
-
+    from ..launch import rank0_print
     from ..training.checkpoint_preflight import preflight_weights
+    from ..training.inputs import run_tokenizer
+    from .runner import build_evaluator, load_run_problems
 
     with reading_inputs():  # bad flags or data: a one-line error before anything is built
         parsed = parse_run(argv, tool="eval")
@@ -70,21 +70,24 @@ def main(argv=None):
         problems = load_run_problems(run, tokenizer, log=rank0_print)
         preflight_weights(run)  # --load, --teacher-load: before any process group
 
+    from ..megatron import cpu_compat
+    from ..runtime.startup import initialize_parallel, start_process_group
     from ..training.checkpoint import load_model_weights
-    from ..training.setup import build_models, initialize_parallel
+    from ..training.setup import build_models
 
-    init_distributed(run.parallel.distributed_timeout_minutes)
+    cpu_compat.enable()  # without CUDA: megatron-core on CPU with gloo (MEGATRON_ON_CPU.md); no-op with CUDA
+    start_process_group(run.parallel.distributed_timeout_minutes)
     try:
-        initialize_parallel(run)
-        models = build_models(run, with_teacher=bool(ck.teacher_load))
+        ctx = initialize_parallel(run)
+        models = build_models(run, ctx, with_teacher=bool(ck.teacher_load))
         iteration = load_model_weights(ck.load, models.student, fallback=ck.checkpoint_fallback)
         if ck.teacher_load:
             load_model_weights(ck.teacher_load, [models.teacher], fallback=ck.checkpoint_fallback)
-        evaluator = build_evaluator(run, models, tokenizer, problems)
+        evaluator = build_evaluator(run, models, tokenizer, problems, ctx)
         with Progress(evaluator.local_samples(), "[vopd-eval] sampling", unit="sample") as progress:
             result = evaluator.evaluate(on_samples=progress.update)
         n, k = e.eval_samples, e.eval_pass_k or e.eval_samples
-        if dist.get_rank() == 0:
+        if ctx.reports:
             print(f"[vopd-eval] {ck.load} (iteration {iteration}), {len(result.records)} problems x {n} samples"
                   + ("" if ck.teacher_load else "; no --teacher-load: no reverse KL"), flush=True)
             print(format_table(result.metrics, n, k), flush=True)

@@ -2,8 +2,9 @@
 the reverse KL to the teacher on them, grade them. Shared by vopd-train (every
 `--eval-every` iterations) and vopd-eval (once, on a checkpoint).
 
-Layout: data-parallel rank r takes a contiguous block of *problems* (with all
-n samples of each, so the majority vote is local); the ranks of one TP group
+Layout: data-parallel rank r takes a contiguous block of *problems*
+(`runtime.sharding`, with all n samples of each, so the majority vote is
+local); the ranks of one TP group
 sample the same block with the same seed (identical draws, see
 rollout/sampler.py). Per-problem records are all-gathered over the DP group,
 so every rank ends with all of them.
@@ -12,7 +13,8 @@ Reverse KL: `eval/reverse_kl` is the mean over completion tokens of the
 full-vocabulary `K_t = sum_v p_v (log p_v - log q_v)` at the *loss*
 temperature, computed by the loss core (`vocab_parallel_opd_loss`, its `kl`
 metric: exact under TP, from the vocab-parallel statistics) in a forward-only
-pass of Megatron's schedule over the same `DistillationStage`s training uses.
+pass of Megatron's schedule over the same `DistillationStage`s training uses,
+with the run's loss backend (`--vopd-loss-backend`).
 The sampling temperature of evaluation may differ; the KL is always the one
 the loss is about.
 
@@ -28,9 +30,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..loss import LossConfig
-from ..rollout.sampler import RolloutSampler, SamplingConfig, mix_seed
-from ..training.data import Rollout, collate
+from ..loss.config import LossConfig
+from ..rollout.sampler import RolloutSampler
+from ..rollout.sampling import SamplingConfig, mix_seed
+from ..rollout.types import Rollout
+from ..runtime.context import ParallelContext
+from ..runtime.sharding import shard_bounds
+from ..training.batch import to_microbatches
+from ..training.inputs import run_eos_id
 from .grading import ProblemGrade, grade_problem, pass_at_k, summarize_grades
 from .problems import EvalProblem
 
@@ -53,23 +60,18 @@ class Evaluator:
     pass_k: k of pass@k (<= samples).
     """
 
-    def __init__(self, run, models, problems: list[EvalProblem], sampling: SamplingConfig, *,
-                 samples: int, pass_k: int | None = None, tokenizer=None, seed: int = 0, dp_group=None):
-        self.run, self.models, self.problems = run, models, problems
+    def __init__(self, run, models, problems: list[EvalProblem], sampling: SamplingConfig, ctx: ParallelContext, *,
+                 samples: int, pass_k: int | None = None, tokenizer=None, seed: int = 0):
+        self.run, self.models, self.problems, self.ctx = run, models, problems, ctx
         self.samples, self.pass_k = samples, pass_k or samples
-        self.tokenizer, self.seed, self.dp_group = tokenizer, seed, dp_group
+        self.tokenizer, self.seed = tokenizer, seed
         self.sampler = RolloutSampler(models.student, sampling, run.model.vocab_size, tokenizer=tokenizer)
-
-    def _dp(self) -> tuple[int, int]:
-        if self.dp_group is None:
-            return 0, 1
-        return dist.get_rank(self.dp_group), dist.get_world_size(self.dp_group)
+        self.loss_config = eval_loss_config(run)
 
     def local_samples(self) -> int:
         """Completions this rank samples in one evaluation (its block of problems x samples)."""
-        rank, dp = self._dp()
-        P = len(self.problems)
-        return ((rank + 1) * P // dp - rank * P // dp) * self.samples
+        lo, hi = shard_bounds(len(self.problems), self.ctx.dp_size, self.ctx.dp_rank)
+        return (hi - lo) * self.samples
 
     def evaluate(self, on_samples=None) -> EvalResult:
         """One evaluation pass; on_samples(n) is called as this rank's completions are sampled (progress)."""
@@ -86,9 +88,9 @@ class Evaluator:
             set_rng_state(rng)
 
     def _evaluate(self, on_samples=None) -> EvalResult:
-        rank, dp = self._dp()
+        rank, dp = self.ctx.dp_rank, self.ctx.dp_size
         P, n = len(self.problems), self.samples
-        lo, hi = rank * P // dp, (rank + 1) * P // dp
+        lo, hi = shard_bounds(P, dp, rank)
         mine = self.problems[lo:hi]
         prompts = [p.prompt_ids for p in mine for _ in range(n)]  # problem-major: n rows per problem
         completions = self.sampler.generate(prompts, seed=mix_seed(self.seed, EVAL_SEED_SALT, rank),
@@ -100,7 +102,7 @@ class Evaluator:
             records.append(self._record(prob, comps))
         if dp > 1:
             pieces = [None] * dp
-            dist.all_gather_object(pieces, records, group=self.dp_group)
+            dist.all_gather_object(pieces, records, group=self.ctx.dp_group)
             records = [r for piece in pieces for r in piece]
         metrics = {} if reverse_kl is None else {"eval/reverse_kl": reverse_kl}
         lengths = [t for r in records for t in r["completion_tokens"]]
@@ -141,23 +143,24 @@ class Evaluator:
         rows = [Rollout(list(p), c.completion_ids) for p, c in zip(prompts, completions)]
         num_mb = max(1, math.ceil(rows_per_rank / mbs))
         rows += [Rollout([0], [])] * (num_mb * mbs - len(rows))  # all-masked padding
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        microbatches = [{k: v.to(device) for k, v in collate(rows[i : i + mbs], run.model.seq_length).items()}
-                        for i in range(0, len(rows), mbs)]
-        # The plain estimator (no correction, no PPO): only its `kl` statistic is read.
-        config = LossConfig(mode="vopd", temperature=run.distill.vopd_temperature)
+        microbatches = to_microbatches(rows, mbs, run.model.seq_length, self.ctx.device)
         for stage in self.models.stages:
             stage.eval()
         with torch.no_grad():
-            losses = forward_backward(self.models, microbatches, run, config, forward_only=True)
-        return batch_metrics(losses)["kl"]
+            losses = forward_backward(self.models, microbatches, run, self.loss_config, forward_only=True)
+        return batch_metrics(losses, self.ctx)[0]["kl"]
+
+
+def eval_loss_config(run) -> LossConfig:
+    """The plain estimator at the loss temperature, with the run's loss backend (no
+    correction, no PPO ratio): only its `kl` statistic is read."""
+    d = run.distill
+    return LossConfig(mode="vopd", temperature=d.vopd_temperature, backend=d.vopd_loss_backend)
 
 
 def eval_sampling_config(run, tokenizer) -> SamplingConfig:
     """Evaluation sampling: unfiltered, at --eval-temperature, --eval-max-new-tokens,
     with the rollouts' EOS, stop strings and batch size."""
-    from ..training.train import run_eos_id
-
     return SamplingConfig(max_new_tokens=run.eval_max_new_tokens, temperature=run.eval_temperature,
                           eos_id=run_eos_id(run, tokenizer), max_batch_size=run.data.rollout_batch_size,
                           stop_strings=run.data_stop_strings())
@@ -179,11 +182,8 @@ def load_run_problems(run, tokenizer, *, log=print) -> list[EvalProblem]:
     return problems
 
 
-def build_evaluator(run, models, tokenizer, problems: list[EvalProblem]) -> Evaluator:
+def build_evaluator(run, models, tokenizer, problems: list[EvalProblem], ctx: ParallelContext) -> Evaluator:
     """The Evaluator of a run's --eval-* flags over already loaded problems."""
-    from megatron.core import parallel_state
-
     e = run.eval
-    return Evaluator(run, models, problems, eval_sampling_config(run, tokenizer), samples=e.eval_samples,
-                     pass_k=e.eval_pass_k, tokenizer=tokenizer, seed=run.train.seed,
-                     dp_group=parallel_state.get_data_parallel_group())
+    return Evaluator(run, models, problems, eval_sampling_config(run, tokenizer), ctx, samples=e.eval_samples,
+                     pass_k=e.eval_pass_k, tokenizer=tokenizer, seed=run.train.seed)

@@ -102,6 +102,24 @@ def reduce_token_terms(terms: TokenTerms):
     return loss_sum, num_tokens, metrics
 
 
+def metric_totals(metrics_list) -> dict[str, torch.Tensor]:
+    """{name: [sum, count]} over the microbatches of one step (each metric is a `[2]` pair)."""
+    if isinstance(metrics_list, dict):
+        metrics_list = [metrics_list]
+    return {n: torch.stack([m[n] for m in metrics_list]).sum(0) for n in metrics_list[0]}
+
+
+def summarize_totals(totals: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Means of `[sum, count]` totals (nan where nothing was counted), the
+    baseline explained variance and the gradient-variance diagnostic."""
+    out = {name: total / count if count > 0 else float("nan") for name, (total, count) in totals.items()}
+    var_r = out["log_ratio_sq"] - out["log_ratio"] ** 2
+    var_a = out["advantage_sq"] - out["advantage"] ** 2
+    out["baseline_explained_variance"] = 1.0 - var_a / var_r if var_r > 0 else float("nan")
+    out.update(signal_variance(out))
+    return out
+
+
 def summarize_metrics(metrics_list, group: dist.ProcessGroup | None = None) -> dict[str, float]:
     """Means over every token of a batch, and the baseline explained variance.
 
@@ -109,21 +127,11 @@ def summarize_metrics(metrics_list, group: dist.ProcessGroup | None = None) -> d
     group: if given, the `[sum, count]` pairs are all-reduced over it first
         (the data-parallel group), so every rank reports the global batch.
     """
-    if isinstance(metrics_list, dict):
-        metrics_list = [metrics_list]
-    names = list(metrics_list[0])
-    totals = torch.stack([torch.stack([m[n] for m in metrics_list]).sum(0) for n in names])  # [M, 2]
+    totals = metric_totals(metrics_list)
+    stacked = torch.stack(list(totals.values()))  # [M, 2]
     if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(totals, group=group)
-    totals = totals.double().cpu()
-    out = {}
-    for name, (total, count) in zip(names, totals.tolist()):
-        out[name] = total / count if count > 0 else float("nan")
-    var_r = out["log_ratio_sq"] - out["log_ratio"] ** 2
-    var_a = out["advantage_sq"] - out["advantage"] ** 2
-    out["baseline_explained_variance"] = 1.0 - var_a / var_r if var_r > 0 else float("nan")
-    out.update(signal_variance(out))
-    return out
+        dist.all_reduce(stacked, group=group)
+    return summarize_totals(dict(zip(totals, stacked.double().cpu().tolist())))
 
 
 def signal_variance(means: dict[str, float]) -> dict[str, float]:

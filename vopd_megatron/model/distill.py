@@ -21,9 +21,9 @@ loss forms the logits tile by tile without ever holding a `[b, s, V/tp]` shard.
 """
 from __future__ import annotations
 
-import torch
+import contextlib
 
-from ..timing import SectionTimer
+import torch
 
 
 def _unwrapped(module):
@@ -59,9 +59,6 @@ class DistillationStage(torch.nn.Module):
         self.post_process = inner.post_process
         self.student_hidden = inner.config.hidden_size
         self.teacher_hidden = _unwrapped(teacher).config.hidden_size
-        # "teacher_forward", "student_forward" (and the step's "loss_forward"),
-        # accumulated over microbatches, read and reset by the training step.
-        self.timer = SectionTimer()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -80,15 +77,18 @@ class DistillationStage(torch.nn.Module):
         _unwrapped(self.student).set_input_tensor(student_in)
         _unwrapped(self.teacher).set_input_tensor(teacher_in)
 
-    def forward(self, input_ids, position_ids, attention_mask):
+    def forward(self, input_ids, position_ids, attention_mask, timer=None):
+        """timer: a `timing.SectionTimer` of the caller's step, which then holds the
+        "teacher_forward" and "student_forward" time of every microbatch (None: untimed)."""
         kwargs = {}
         if self.fused_output and self.post_process:
             from ..megatron.fused_output import output_layer_input
 
             kwargs["output_processor"] = output_layer_input
-        with torch.no_grad(), self.timer.section("teacher_forward"):
+        section = timer.section if timer is not None else lambda _name: contextlib.nullcontext()
+        with torch.no_grad(), section("teacher_forward"):
             teacher_out = self.teacher(input_ids, position_ids, attention_mask, **kwargs)
-        with self.timer.section("student_forward"):
+        with section("student_forward"):
             student_out = self.student(input_ids, position_ids, attention_mask, **kwargs)
         if self.post_process:
             return student_out, teacher_out

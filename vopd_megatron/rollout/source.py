@@ -1,14 +1,13 @@
 """`OnPolicyRolloutSource`: the trainer's `RolloutSource` backed by the in-process sampler.
 
-`take(n)` samples completions for the next n prompts of a (optionally
-per-epoch shuffled) prompt list with the student's current weights and returns
-the same n rollouts on every rank, as the `RolloutSource` protocol requires.
-
-With a data-parallel group each DP rank samples only its contiguous slice
-`[r n / dp, (r + 1) n / dp)` (the slice `dp_microbatches` will train it on),
-then the token lists are all-gathered so every rank returns all n. Ranks of one
-TP group sample the same slice with the same seed (identical draws; see
-sampler.py). Without a group every rank samples all n (correct, redundant).
+`take(n, dp_size, dp_rank)` samples completions for this data-parallel rank's
+block of the next n prompts of a (optionally per-epoch shuffled) prompt list,
+with the student's current weights, and returns only those rollouts: the
+ones this rank trains on (`runtime.sharding`: the block
+`[r n / dp, (r + 1) n / dp)`). Nothing is exchanged between data-parallel
+ranks; the step reduces the few statistics that need the whole batch. Ranks
+of one TP group sample the same block with the same seed (identical draws;
+see sampler.py).
 
 Determinism: prompt order depends on (seed, epoch); the sampling seed of a
 `take` depends on (seed, consumed, DP rank). So a run resumed with `seek(c)` on
@@ -19,9 +18,9 @@ draws.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from ..training.data import Rollout
+from ..runtime.sharding import shard_bounds
 from .sampler import RolloutSampler, mix_seed
 
 
@@ -29,14 +28,14 @@ class OnPolicyRolloutSource:
     """Rollouts sampled on demand from the student over a list of tokenized prompts."""
 
     def __init__(self, sampler: RolloutSampler, prompts: list[list[int]], seed: int = 0, shuffle: bool = True,
-                 dp_group=None, sources: list[str] | None = None):
+                 sources: list[str] | None = None):
         """sources: where each prompt is (`prompts.jsonl:7`), carried by its rollouts for messages."""
         if not prompts:
             raise ValueError("OnPolicyRolloutSource needs at least one prompt")
         self.sampler = sampler
         self.prompts = [list(p) for p in prompts]
         self.sources = list(sources) if sources is not None else [None] * len(self.prompts)
-        self.seed, self.shuffle, self.dp_group = int(seed), shuffle, dp_group
+        self.seed, self.shuffle = int(seed), shuffle
         self._consumed = 0
         self._order = {}  # epoch -> permutation of prompt indices
 
@@ -50,21 +49,14 @@ class OnPolicyRolloutSource:
                 len(self.prompts), generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))}
         return int(self._order[epoch][k])
 
-    def take(self, n: int) -> list[Rollout]:
-        index = [self.prompt_index(self._consumed + i) for i in range(n)]
+    def take(self, n: int, dp_size: int = 1, dp_rank: int = 0) -> list[Rollout]:
+        lo, hi = shard_bounds(n, dp_size, dp_rank)
+        index = [self.prompt_index(self._consumed + i) for i in range(lo, hi)]
         prompts = [self.prompts[k] for k in index]
-        dp = dist.get_world_size(self.dp_group) if self.dp_group is not None else 1
-        rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
-        lo, hi = rank * n // dp, (rank + 1) * n // dp
-        completions = self.sampler.generate(prompts[lo:hi], seed=mix_seed(self.seed, self._consumed, rank))
-        mine = [(c.completion_ids, c.logprobs, c.hit_max_length) for c in completions]
-        if dp > 1:
-            pieces = [None] * dp
-            dist.all_gather_object(pieces, mine, group=self.dp_group)
-            mine = [x for piece in pieces for x in piece]
+        completions = self.sampler.generate(prompts, seed=mix_seed(self.seed, self._consumed, dp_rank))
         self._consumed += n
-        return [Rollout(list(p), ids, lps, hit, source=self.sources[k])
-                for k, p, (ids, lps, hit) in zip(index, prompts, mine)]
+        return [Rollout(list(p), c.completion_ids, c.logprobs, c.hit_max_length, source=self.sources[k])
+                for k, p, c in zip(index, prompts, completions)]
 
     @property
     def consumed(self) -> int:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import math
 
+import torch.distributed as dist
+
 from ..errors import TrainingFault
 from ..loss.per_token import NonFiniteLogitsError
 
@@ -52,10 +54,12 @@ def naming_rows(loss_func, sources: list | None, seq_length: int):
     return call
 
 
-def check_step(result, rollouts: list, grad_norm_known: bool = True) -> None:
+def check_step(result, rollouts: list, grad_norm_known: bool = True, dp_group=None) -> None:
     """TrainingFault (the same on every rank) unless the step's loss and gradient
     norm are finite. `result`: a StepResult-like object with metrics, grad_norm,
-    skipped; `rollouts`: the global batch (for the rows' names);
+    skipped; `rollouts`: this rank's share of the batch; dp_group: the
+    data-parallel group, whose ranks hold the rest (their rows are gathered only
+    to name them in the message, which every rank reaches together);
     grad_norm_known: False when the optimizer computed no norm (--clip-grad 0)."""
     if getattr(result, "skipped", False):
         return
@@ -64,9 +68,14 @@ def check_step(result, rollouts: list, grad_norm_known: bool = True) -> None:
         values.append(("gradient norm", result.grad_norm))
     bad = [f"{name} {value}" for name, value in values if not math.isfinite(value)]
     if bad:
+        sources = [r.source for r in rollouts]
+        if dp_group is not None and dist.get_world_size(dp_group) > 1:
+            pieces = [None] * dist.get_world_size(dp_group)
+            dist.all_gather_object(pieces, sources, group=dp_group)
+            sources = [s for piece in pieces for s in piece]
         raise TrainingFault(
             f"non-finite {' and '.join(bad)} in the global batch of data row(s) "
-            f"{rows_text([r.source for r in rollouts])}; stopped before saving (lower the learning rate, "
+            f"{rows_text(sources)}; stopped before saving (lower the learning rate, "
             "check the data and the teacher; the last saved checkpoint is unaffected)", same_on_all_ranks=True)
 
 

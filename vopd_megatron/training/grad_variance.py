@@ -24,90 +24,13 @@ models. TP = 1 and PP = 1 (a rank then holds the whole gradient); any DP.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 
-import torch
 import torch.distributed as dist
 
+from .. import launch
 from ..errors import entry_point, reading_inputs
-from ..loss.config import LOSS_MODES, TOPK_MODES
-
-
-def flat_grad(student_chunks) -> torch.Tensor:
-    """The finalized gradient of every student parameter, concatenated, in the main-grad dtype (fp32). [P]"""
-    from megatron.core.utils import unwrap_model
-
-    grads = [p.main_grad.detach().reshape(-1) for c in student_chunks for p in unwrap_model(c).parameters()]
-    return torch.cat(grads)
-
-
-class VarianceAccumulator:
-    """Running sums over resamples of one mode's gradient: sum_r g_r and sum_r ||g_r||^2.
-
-    Holds one [P] vector (of `dtype`) instead of all R gradients (a real model's
-    P is tens of millions of parameters); the total variance follows from
-    sum_r ||g_r - mean||^2 = sum_r ||g_r||^2 - R ||mean||^2, with the norms
-    summed in fp64. An fp32 sum of a few fp32 gradients is exact to ~1e-7
-    relative, far below what R resamples resolve."""
-
-    def __init__(self, dtype: torch.dtype = torch.float64):
-        self.dtype, self.count, self.total, self.sq_norms = dtype, 0, None, 0.0
-
-    def add(self, grad: torch.Tensor) -> None:
-        """grad: [P]."""
-        if self.total is None:
-            self.total = grad.to(self.dtype, copy=True)
-        else:
-            self.total.add_(grad)
-        self.sq_norms += float(torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2)
-        self.count += 1
-
-    def summary(self) -> dict[str, float]:
-        mean = self.total / self.count  # [P]
-        mean_sq = float(torch.linalg.vector_norm(mean, dtype=torch.float64) ** 2)
-        total = (self.sq_norms - self.count * mean_sq) / (self.count - 1)
-        return {"total_variance": total, "mean_grad_sq_norm": mean_sq,
-                "per_resample_sq_norm": self.sq_norms / self.count}
-
-
-def variance_summary(grads: torch.Tensor) -> dict[str, float]:
-    """grads: [R, P] gradient vectors of one mode over R resamples."""
-    acc = VarianceAccumulator()
-    for g in grads:
-        acc.add(g)
-    return acc.summary()
-
-
-def measure(models, run, prompts: list[list[int]], modes: list[str], resamples: int, top_k: int,
-            seed: int = 0, tokenizer=None) -> dict[str, dict]:
-    """Per mode: the variance summary of its gradient over `resamples` paired draws,
-    sampled exactly as vopd-train samples its rollouts."""
-    from ..rollout import RolloutSampler
-    from .data import Rollout
-    from .step import forward_backward
-    from .train import dp_microbatches, rollout_sampling_config
-
-    if resamples < 2:
-        raise ValueError("--resamples must be >= 2")
-    sampler = RolloutSampler(models.student, rollout_sampling_config(run, tokenizer), run.model.vocab_size,
-                             tokenizer=tokenizer)
-    grads = {m: VarianceAccumulator(torch.float32) for m in modes}
-    base = run.distill.loss_config()
-    for r in range(resamples):
-        completions = sampler.generate(prompts, seed=seed * 100_003 + r)  # same on every rank
-        rollouts = [Rollout(p, c.completion_ids) for p, c in zip(prompts, completions)]
-        microbatches = dp_microbatches(rollouts, run, next(models.student[0].parameters()).device)
-        for mode in modes:
-            cfg = dataclasses.replace(base, mode=mode, top_k=top_k if mode in TOPK_MODES else None)
-            forward_backward(models, microbatches, run, cfg)
-            grads[mode].add(flat_grad(models.student))
-    out = {m: acc.summary() for m, acc in grads.items()}
-    if "opd" in out:
-        for m in out:
-            out[m]["ratio_to_opd"] = out[m]["total_variance"] / out["opd"]["total_variance"]
-    return out
+from ..loss.config import LOSS_MODES
 
 
 @entry_point
@@ -119,10 +42,7 @@ def main(argv=None):
     pre.add_argument("--out", default=None, help="write the result as JSON here")
     own, rest = pre.parse_known_args(argv)
     from ..config import parse_config
-    from .checkpoint import load_model_weights
-    from .setup import build_models, initialize_parallel
-    from .step import wire_megatron_hooks
-    from .train import init_distributed, load_inputs
+    from .inputs import load_inputs
 
     with reading_inputs():  # a bad flag: one error line
         run, _ = parse_config(rest + ["--global-batch-size", str(own.prompts)])
@@ -135,23 +55,30 @@ def main(argv=None):
     if not run.data.prompt_data:
         raise SystemExit("error: give --prompt-data (the fixed batch is its first --prompts prompts)")
     with reading_inputs():  # bad flags or data: a one-line error before anything is built
-        run.validate(int(os.environ.get("WORLD_SIZE", 1)))
-        inputs = load_inputs(run, evaluate=False)  # tokenized exactly as vopd-train's prompts
+        run.validate(launch.world_size() or 1)
+        inputs = load_inputs(run)  # tokenized exactly as vopd-train's prompts
     top_k = run.distill.vopd_top_k  # the k of the top-k modes among --modes (validated with a top-k --vopd-loss)
     if len(inputs.prompts) < own.prompts:  # the fixed batch would silently be smaller
         raise SystemExit(f"error: --prompts {own.prompts}: {run.data.prompt_data} has only {len(inputs.prompts)} "
                          "prompts that fit the sequence")
-    init_distributed()
-    initialize_parallel(run)
-    models = build_models(run)
-    wire_megatron_hooks(models, run)
+    from ..megatron import cpu_compat
+    from ..runtime.startup import start
+    from .checkpoint import load_model_weights
+    from .setup import build_models
+    from .step import wire_megatron_hooks
+    from .variance import measure
+
+    cpu_compat.enable()  # without CUDA: megatron-core on CPU with gloo (MEGATRON_ON_CPU.md); no-op with CUDA
+    ctx = start(run)
+    models = build_models(run, ctx)
+    wire_megatron_hooks(models)
     if run.checkpoint.teacher_load:
         load_model_weights(run.checkpoint.teacher_load, [models.teacher])
     if run.checkpoint.load:
         load_model_weights(run.checkpoint.load, models.student)
-    result = measure(models, run, inputs.prompts[: own.prompts], modes, own.resamples,
+    result = measure(models, run, ctx, inputs.prompts[: own.prompts], modes, own.resamples,
                      top_k=top_k or 4, seed=run.train.seed, tokenizer=inputs.tokenizer)
-    if dist.get_rank() == 0:
+    if ctx.reports:
         for mode, s in result.items():
             print(f"[variance] {mode:10s} total variance {s['total_variance']:.4e} "
                   f"| ratio to opd {s.get('ratio_to_opd', float('nan')):.3f} "

@@ -4,9 +4,9 @@ Rank 0 prints; the last global rank (on the last pipeline stage, where the
 loss lives) writes TensorBoard events and appends every logged scalar dict as
 one line `{"iteration": i, ...}` to `<tensorboard-dir>/metrics.jsonl` (train
 and eval lines alike; non-finite values as null), so scripts can read curves
-without TensorBoard. Both ranks see the same numbers: the step's metrics are
-broadcast from the last stage by the training step, evaluation metrics are
-computed on every rank.
+without TensorBoard. Both ranks see the same numbers: the training step
+reduces the metrics on the last stage and, with PP > 1, sends them to the
+pipeline's earlier stages; evaluation metrics are computed on every rank.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
 
 from ..progress import echo
 
@@ -30,9 +29,11 @@ def peak_memory_gb() -> float:
 
 
 class StepLogger:
-    def __init__(self, tensorboard_dir: str | None, log_interval: int = 1, config_dict: dict | None = None):
+    def __init__(self, tensorboard_dir: str | None, log_interval: int = 1, config_dict: dict | None = None,
+                 ctx=None):
+        """ctx: the run's `ParallelContext` (None: a 1-process run)."""
         self.log_interval = max(1, log_interval)
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
         self.printer = rank == 0
         self.writer = self.jsonl = None
         if tensorboard_dir and rank == world - 1:

@@ -1,4 +1,4 @@
-"""Build a run's parallel state, models, optimizer and LR schedule from a RunConfig.
+"""Build a run's models, optimizer and LR schedule from a RunConfig.
 
 Everything Megatron-specific about construction lives here, so the training
 step and the entry point read like the algorithm. The typed Megatron configs
@@ -19,18 +19,7 @@ from ..config import megatron_args
 from ..config.schema import RunConfig
 from ..model.builder import build_gpt_stage, transformer_config
 from ..model.distill import DistillationStage
-
-
-def initialize_parallel(run: RunConfig) -> None:
-    """Megatron's TP/PP/DP groups over the already initialised default group, and seeds."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    p = run.parallel
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-    )
-    tensor_parallel.model_parallel_cuda_manual_seed(run.train.seed)
+from ..runtime.context import ParallelContext
 
 
 @dataclass
@@ -46,20 +35,19 @@ def _maybe_fp16(module, config, bf16):
     return Float16Module(config, module) if bf16 else module
 
 
-def build_models(run: RunConfig, teacher_seed_offset: int = 1, with_teacher: bool = True) -> Models:
-    """The student (DDP-wrapped) and teacher stages of this rank.
+def build_models(run: RunConfig, ctx: ParallelContext, teacher_seed_offset: int = 1,
+                 with_teacher: bool = True) -> Models:
+    """The student (DDP-wrapped) and teacher stages of this rank (`ctx`: its pipeline stage and device).
 
     The teacher is built with a different seed (it is normally loaded from
     `--teacher-load` right after) and never receives gradients. Without it
     (`with_teacher=False`: evaluation of a student alone) there are no
     distillation stages.
     """
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import tensor_parallel
     from megatron.core.distributed import DistributedDataParallel
 
-    pre = parallel_state.is_pipeline_first_stage()
-    post = parallel_state.is_pipeline_last_stage()
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    pre, post, device = ctx.first_stage, ctx.last_stage, ctx.device
 
     s_cfg = transformer_config(run.model, run.parallel, run.train)
     student = build_gpt_stage(run.model, run.parallel, run.train, pre, post, config=s_cfg).to(device)
