@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 from ..loss import LossConfig
 from ..rollout.sampler import RolloutSampler, SamplingConfig, mix_seed
-from ..training.data import Rollout, collate
+from ..rollout.types import Rollout
+from ..training.batch import collate
 from .grading import ProblemGrade, grade_problem, pass_at_k, summarize_grades
 from .problems import EvalProblem
 

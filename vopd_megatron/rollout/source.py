@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..training.data import Rollout
 from .sampler import RolloutSampler, mix_seed
+from .types import Rollout
 
 
 class OnPolicyRolloutSource:

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from ..data.prompts import prompt_ids, read_records
 from ..errors import DataError, UserError, entry_point, reading_inputs
 from ..progress import Progress, echo
-from .data import Rollout
+from ..rollout.types import Rollout
 from .setup import scheduler_increment
 
 
@@ -145,7 +145,7 @@ def sft_forward_backward(model, microbatches: list[dict], run, forward_only: boo
     """Megatron's schedule over this DP rank's microbatches (gradients finalized in the DDP buffers)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from .step import causal_mask
+    from ..model.masks import causal_mask
 
     model.zero_grad_buffer()
     seq = run.model.seq_length

@@ -21,6 +21,7 @@ from ..loss import LossConfig, summarize_metrics
 from ..megatron.fused_output import OutputLayerInput
 from ..megatron.loss_adapter import make_fused_loss_func, make_loss_func
 from ..model.distill import p2p_shape_adjuster
+from ..model.masks import causal_mask
 from .faults import naming_rows
 from .setup import scheduler_increment
 
@@ -34,11 +35,6 @@ class StepResult:
     skipped: bool = False
     seconds: dict = field(default_factory=dict)  # step, teacher_forward, student_forward, loss_forward,
     # backward_and_optimizer (the rest of the step); vopd-train adds rollout
-
-
-def causal_mask(seq_length: int, device) -> torch.Tensor:
-    """[1, 1, s, s] bool, True where attention is masked (Megatron's convention)."""
-    return torch.triu(torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool, device=device), 1)
 
 
 def _forward_step(loss_config: LossConfig, vocab_size: int, mask, data_iterator, model):

@@ -26,7 +26,9 @@ from ..errors import entry_point, reading_inputs
 from ..net import free_local_port
 from .checkpoint_preflight import preflight_train
 from ..progress import Progress
-from .data import JsonlRolloutSource, collate, rollout_stats
+from ..rollout.file_source import JsonlRolloutSource
+from ..rollout.types import rollout_stats
+from .batch import collate
 from .faults import at_iteration, check_step
 
 

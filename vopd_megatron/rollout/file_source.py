@@ -1,64 +1,12 @@
-"""Rollouts in, fixed-shape microbatches out.
-
-A rollout is one sampled completion: the prompt's token ids, the completion's
-token ids, and optionally the sampling engine's log-probs of the completion
-tokens (for the rollout correction). `RolloutSource` is the seam between the
-trainer and whatever produces rollouts: the in-process engine (later), or a
-file written by an external inference server (`JsonlRolloutSource`).
-
-`collate` lays rollouts out the Megatron way: `tokens = seq[:-1]`,
-`labels = seq[1:]`, so the logits at position t are scored against token
-t + 1; `loss_mask[t] = 1` exactly where `labels[t]` is a completion token.
-"""
+"""Rollouts from a file written by an external inference server (`JsonlRolloutSource`)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
-
-import torch
 
 from ..data import checks
 from ..errors import DataError
-
-
-@dataclass
-class Rollout:
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    logprobs: list[float] | None = None
-    """log mu(a) of each completion token under the sampling engine."""
-    hit_max_length: bool | None = None
-    """The sampler reached its token limit without EOS / stop (kept, trained on,
-    counted in `rollout/hit_max_length`); None: unknown (rollout files)."""
-    source: str | None = None
-    """Where the rollout comes from, for messages (`rollouts.jsonl:12`, or the
-    prompt's location for on-policy rollouts); None: unknown."""
-
-
-def rollout_stats(rollouts: list[Rollout]) -> dict[str, float]:
-    """`rollout/completion_tokens` (mean) and, when the sampler flagged them,
-    `rollout/hit_max_length` (fraction) of a step's rollouts."""
-    out = {"rollout/completion_tokens": sum(len(r.completion_ids) for r in rollouts) / max(1, len(rollouts))}
-    flags = [r.hit_max_length for r in rollouts if r.hit_max_length is not None]
-    if flags:
-        out["rollout/hit_max_length"] = sum(flags) / len(flags)
-    return out
-
-
-class RolloutSource(Protocol):
-    """Produces the rollouts of a training step, deterministically resumable."""
-
-    def take(self, n: int) -> list[Rollout]:
-        """The next n rollouts (the same n on every rank: ranks slice their share)."""
-
-    @property
-    def consumed(self) -> int:
-        """Rollouts handed out so far (saved in checkpoints)."""
-
-    def seek(self, consumed: int) -> None:
-        """Resume after `consumed` rollouts."""
+from .types import Rollout
 
 
 class JsonlRolloutSource:
@@ -127,34 +75,3 @@ class JsonlRolloutSource:
 
     def seek(self, consumed):
         self._consumed = consumed
-
-
-def collate(rollouts: list[Rollout], seq_length: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Microbatch tensors, each `[b, seq_length]`.
-
-    tokens, labels (long); position_ids (long); loss_mask (float, completion
-    tokens of labels); behavior_logprobs (float, aligned with labels; 0 where
-    unknown) and has_logprobs (bool, all rollouts carried them).
-    """
-    b = len(rollouts)
-    seq = torch.full((b, seq_length + 1), pad_id, dtype=torch.long)
-    mask = torch.zeros(b, seq_length)
-    logprobs = torch.zeros(b, seq_length)
-    for i, r in enumerate(rollouts):
-        ids = (r.prompt_ids + r.completion_ids)[: seq_length + 1]  # over-long: truncated
-        seq[i, : len(ids)] = torch.tensor(ids)
-        start = len(r.prompt_ids) - 1  # labels[start] is the first completion token
-        end = len(ids) - 1
-        if end > start:
-            mask[i, start:end] = 1.0
-            if r.logprobs is not None:
-                logprobs[i, start:end] = torch.tensor(r.logprobs[: end - start], dtype=torch.float32)
-    return {
-        "tokens": seq[:, :-1].contiguous(),
-        "labels": seq[:, 1:].contiguous(),
-        "position_ids": torch.arange(seq_length).expand(b, seq_length).contiguous(),
-        "loss_mask": mask,
-        "behavior_logprobs": logprobs,
-        "has_logprobs": torch.tensor(all(r.logprobs is not None for r in rollouts)),
-    }
-
