@@ -142,7 +142,8 @@ def _reference_loss(student, teacher, batch) -> dict:
 
 def _rollout_batch(index: int) -> dict:
     """Global batch `index` of the rollout file, collated as vopd-train collates it."""
-    from vopd_megatron.training.data import JsonlRolloutSource, collate
+    from vopd_megatron.rollout.file_source import JsonlRolloutSource
+    from vopd_megatron.training.batch import collate
 
     source = JsonlRolloutSource(ROLLOUTS, vocab_size=VOCAB)
     source.seek(index * GBS)

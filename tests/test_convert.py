@@ -84,7 +84,7 @@ def megatron_logits(cases, tp, pp):
     from vopd_megatron.convert.hf_config import flags_to_model_args
     from vopd_megatron.model.builder import build_gpt_stage
     from vopd_megatron.training.checkpoint import load_model_weights
-    from vopd_megatron.training.step import causal_mask
+    from vopd_megatron.model.masks import causal_mask
 
     results = []
     for ckpt_dir, flags, toks in cases:
@@ -281,7 +281,8 @@ def test_vopd_train_starts_student_from_converted_checkpoint(tmp_path):
     import torch
 
     from tests.test_examples_tiny import read_scalars
-    from vopd_megatron.training.data import JsonlRolloutSource, collate
+    from vopd_megatron.rollout.file_source import JsonlRolloutSource
+    from vopd_megatron.training.batch import collate
 
     hf_dir, mg_dir = tmp_path / "student_hf", tmp_path / "student"
     make_hf_model("llama", str(hf_dir), vocab=250, hidden=64, layers=2)

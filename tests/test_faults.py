@@ -21,7 +21,7 @@ import pytest
 
 from vopd_megatron.errors import DataError, TrainingFault, UserError, entry_point
 from vopd_megatron.loss.vocab_parallel import NonFiniteLogitsError
-from vopd_megatron.training.data import Rollout
+from vopd_megatron.rollout.types import Rollout
 from vopd_megatron.training.faults import at_iteration, check_step, naming_rows
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -361,7 +361,8 @@ def tied_step_case(tp, pp, mode, bf16=False):
     from tests.test_train_step import GLOBAL_BATCH, SEQ, VOCAB, _setup, _teardown, _unwrap, my_microbatches
     from vopd_megatron.config.schema import ModelArgs, ParallelArgs, RunConfig, TrainArgs
     from vopd_megatron.megatron.fused_output import OutputLayerInput
-    from vopd_megatron.training.step import causal_mask, forward_backward, wire_megatron_hooks
+    from vopd_megatron.model.masks import causal_mask
+    from vopd_megatron.training.step import forward_backward, wire_megatron_hooks
 
     student = ModelArgs(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=VOCAB, seq_length=SEQ)
     teacher = ModelArgs(num_layers=2, hidden_size=96, num_attention_heads=4, vocab_size=VOCAB, seq_length=SEQ)

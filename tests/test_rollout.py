@@ -206,7 +206,7 @@ def case_generate_then_train(tp):
     from tests.test_train_step import VOCAB, _setup, _teardown, _unwrap, my_microbatches, run_config
     from vopd_megatron.loss import LossConfig
     from vopd_megatron.rollout import OnPolicyRolloutSource, RolloutSampler
-    from vopd_megatron.training.data import collate
+    from vopd_megatron.training.batch import collate
     from vopd_megatron.training.step import forward_backward, wire_megatron_hooks
 
     run = run_config(tp=tp)
@@ -394,7 +394,8 @@ def test_generate_then_train_step(pool2, tp):
     # Max length: a completion that reaches max_new_tokens (6) without EOS (3)
     # is flagged, and kept: every one of its tokens is in the loss mask.
     from tests.test_train_step import SEQ as TRAIN_SEQ
-    from vopd_megatron.training.data import collate, rollout_stats
+    from vopd_megatron.rollout.types import rollout_totals
+    from vopd_megatron.training.batch import collate
 
     rollouts = results[0]["first"] + results[0]["second"]
     for r in rollouts:
@@ -405,9 +406,9 @@ def test_generate_then_train_step(pool2, tp):
     for i, r in enumerate(hit):
         assert mb["loss_mask"][i].sum() == 6
         assert mb["labels"][i][mb["loss_mask"][i] != 0].tolist() == r.completion_ids
-    stats = rollout_stats(rollouts)
-    assert stats["rollout/hit_max_length"] == len(hit) / len(rollouts)
-    assert stats["rollout/completion_tokens"] == sum(len(r.completion_ids) for r in rollouts) / len(rollouts)
+    totals = rollout_totals(rollouts)
+    assert totals["rollout/hit_max_length"] == (len(hit), len(rollouts))
+    assert totals["rollout/completion_tokens"] == (sum(len(r.completion_ids) for r in rollouts), len(rollouts))
 
 
 def case_pipeline_sampling(tp, pp, student_dir):

@@ -18,7 +18,8 @@ import torch
 
 from tests.test_train_step import _teardown, _unwrap
 from vopd_megatron.config.schema import ModelArgs, ParallelArgs, RunConfig, TrainArgs
-from vopd_megatron.training.data import Rollout, collate
+from vopd_megatron.rollout.types import Rollout
+from vopd_megatron.training.batch import collate
 
 VOCAB, SEQ, BATCH = 23, 12, 4
 
@@ -62,7 +63,7 @@ def make_initial(ckpt):
 def reference(ckpt):
     """Single process: plain float64 cross entropy over the whole batch; loss and grads."""
     from vopd_megatron.training.checkpoint import load_model_weights
-    from vopd_megatron.training.step import causal_mask
+    from vopd_megatron.model.masks import causal_mask
 
     try:
         model = _build(run_config())

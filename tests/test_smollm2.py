@@ -85,7 +85,7 @@ def run_megatron(cases, tp):
     from vopd_megatron.model.builder import build_gpt_stage
     from vopd_megatron.rollout import RolloutSampler, SamplingConfig
     from vopd_megatron.training.checkpoint import load_model_weights
-    from vopd_megatron.training.step import causal_mask
+    from vopd_megatron.model.masks import causal_mask
 
     out = []
     for ckpt_dir, flags, toks, prompts in cases:

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from vopd_megatron.config.schema import ModelArgs, ParallelArgs, RunConfig, TrainArgs
 from vopd_megatron.loss import LossConfig, reference_loss
-from vopd_megatron.training.data import Rollout, collate
+from vopd_megatron.rollout.types import Rollout
+from vopd_megatron.training.batch import collate
 
 VOCAB, SEQ, GLOBAL_BATCH = 250, 16, 4
 
@@ -139,7 +140,7 @@ def read_full(ckpt_dir):
 
 def reference_gradients(student_dir, teacher_dir, mode, **teacher):
     """Single process, plain autograd and the float64 reference loss over the whole batch."""
-    from vopd_megatron.training.step import causal_mask
+    from vopd_megatron.model.masks import causal_mask
 
     run = run_config(**teacher)
     models = _setup(run)

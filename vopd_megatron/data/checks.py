@@ -1,7 +1,7 @@
 """Per-record checks shared by every reader of user data files.
 
 Prompts (`data.prompts`), evaluation problems (`eval.problems`), rollout files
-(`training.data`) and SFT rows (`training.sft`) all hold the same few kinds
+(`rollout.file_source`) and SFT rows (`training.sft`) all hold the same few kinds
 of values: token ids, log-probs, reference answers, and the path of the file
 itself. Each check here raises `DataError` naming the file and row (`where`,
 e.g. `rollouts.jsonl:12` or `prompts.parquet row 3`), the field, and, inside a

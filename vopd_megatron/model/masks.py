@@ -1,4 +1,4 @@
-"""The causal attention mask in Megatron's convention."""
+"""The attention mask of a causal language model, as Megatron-Core's GPTModel takes it."""
 from __future__ import annotations
 
 import torch

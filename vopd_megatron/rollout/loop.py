@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..model.masks import causal_mask
 from .sampler import SamplingConfig, policy_logits, stop_position
-
-
-def _causal_mask(length: int, device) -> torch.Tensor:
-    """[1, 1, s, s] bool, True where attention is masked (Megatron's convention)."""
-    return torch.triu(torch.ones(1, 1, length, length, dtype=torch.bool, device=device), 1)
 
 
 def loop_generate(model, prompts: list[list[int]], config: SamplingConfig, vocab_size: int,
@@ -37,7 +33,7 @@ def loop_generate(model, prompts: list[list[int]], config: SamplingConfig, vocab
         length = prompt_len + step  # [b] current length of each row (done rows keep sampling, unused)
         s = int(length.max())
         positions = torch.arange(s, device=device).expand(b, s)
-        logits = model(tokens[:, :s], positions, _causal_mask(s, device), runtime_gather_output=True)  # [b, s, Vp]
+        logits = model(tokens[:, :s], positions, causal_mask(s, device), runtime_gather_output=True)  # [b, s, Vp]
         z = policy_logits(logits[rows, length - 1], config.temperature, vocab_size)  # [b, Vp]
         sampled = torch.multinomial(z.softmax(dim=-1), 1, generator=generator).view(-1)  # [b]
         tokens[rows, length] = sampled

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..training.data import Rollout
+from .types import Rollout
 from ..runtime.sharding import shard_bounds
 from .sampler import RolloutSampler, mix_seed
 

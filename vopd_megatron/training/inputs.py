@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..data import check_compatible, check_vocab_fits, load_prompt_dataset, load_tokenizer
 from ..launch import rank0_print
-from .data import JsonlRolloutSource
+from ..rollout.file_source import JsonlRolloutSource
 
 
 @dataclass
