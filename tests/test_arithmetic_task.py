@@ -76,9 +76,10 @@ def _same_measure_case(root, tmp):
     from megatron.core import parallel_state
 
     from vopd_megatron.config import parse_config
-    from vopd_megatron.training.setup import build_models, initialize_parallel
-    from vopd_megatron.eval import build_evaluator
-    from vopd_megatron.training.train import load_inputs
+    from vopd_megatron.eval import build_evaluator, load_run_problems
+    from vopd_megatron.runtime.startup import initialize_parallel
+    from vopd_megatron.training.inputs import load_inputs
+    from vopd_megatron.training.setup import build_models
 
     os.chdir(root)  # the commands name files relative to the repository
     sys.path.insert(0, str(Path(root) / "examples" / "arithmetic"))
@@ -99,12 +100,13 @@ def _same_measure_case(root, tmp):
                                   + ["--heldout", str(tmp / "heldout.jsonl"), "--tokenizer-model",
                                      str(tmp / "tokenizer.json"), "--seed", "1", "--samples", "2",
                                      "--max-problems", "12", "--micro-batch-size", "16"])  # DP 2, as above
-    initialize_parallel(train_run)
+    ctx = initialize_parallel(train_run)
     try:
-        models = build_models(train_run)
-        inputs = load_inputs(train_run, evaluate=True)
-        during = build_evaluator(train_run, models, inputs.tokenizer, inputs.eval_problems).evaluate()
-        before = accuracy.student_evaluator(acc_run, models, inputs.tokenizer).evaluate()
+        models = build_models(train_run, ctx)
+        inputs = load_inputs(train_run)
+        problems = load_run_problems(train_run, inputs.tokenizer)
+        during = build_evaluator(train_run, models, inputs.tokenizer, problems, ctx).evaluate()
+        before = accuracy.student_evaluator(acc_run, models, inputs.tokenizer, ctx).evaluate()
         return during.metrics, during.records, before.metrics, before.records
     finally:
         parallel_state.destroy_model_parallel()

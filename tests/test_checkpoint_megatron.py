@@ -296,7 +296,8 @@ def case_example_reference(student_dir: str, teacher_dir: str, first_sample: int
 
     from vopd_megatron.config import parse_config
     from vopd_megatron.training.checkpoint import load_model_weights
-    from vopd_megatron.training.setup import build_models, initialize_parallel
+    from vopd_megatron.runtime.startup import initialize_parallel
+    from vopd_megatron.training.setup import build_models
 
     spec = importlib.util.spec_from_file_location("example", ROOT / "examples/pretrain_with_vopd_loss.py")
     example = importlib.util.module_from_spec(spec)
@@ -304,9 +305,9 @@ def case_example_reference(student_dir: str, teacher_dir: str, first_sample: int
     samples = [example.synthetic_sample(i, 64, VOCAB, seed=0) for i in range(first_sample, first_sample + GBS)]
     batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
     run, _ = parse_config(VOPD_TRAIN_FLAGS)
-    initialize_parallel(run)
+    ctx = initialize_parallel(run)
     try:
-        models = build_models(run)
+        models = build_models(run, ctx)
         load_model_weights(student_dir, models.student)
         load_model_weights(teacher_dir, [models.teacher])
         return _reference_loss(models.student[0].module, models.teacher, batch)

@@ -51,17 +51,17 @@ def _eval_case(tp, fused_output=False):
     from megatron.core import tensor_parallel
 
     from vopd_megatron.eval import Evaluator, eval_sampling_config
-    from vopd_megatron.training.setup import build_models, initialize_parallel
+    from vopd_megatron.runtime.startup import initialize_parallel
+    from vopd_megatron.training.setup import build_models
 
     run = _run_config(tp, fused_output)
-    initialize_parallel(run)
+    ctx = initialize_parallel(run)
     try:
-        models = build_models(run)
+        models = build_models(run, ctx)
         rng = random.Random(3)
         problems = [EvalProblem(i, [rng.randrange(VOCAB) for _ in range(rng.randint(2, 6))], "1", None)
                     for i in range(5)]  # 5 problems over DP2: uneven blocks
-        ev = Evaluator(run, models, problems, eval_sampling_config(run, None), samples=3, seed=11,
-                       dp_group=ps.get_data_parallel_group())
+        ev = Evaluator(run, models, problems, eval_sampling_config(run, None), ctx, samples=3, seed=11)
         tracker = {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()}
         host = torch.get_rng_state()
         flags = [m.training for m in models.stages[0].modules()]
@@ -134,3 +134,17 @@ def test_training_with_eval_equals_training_without(tmp_path):
         assert line["eval/reverse_kl"] > 0
         assert line["eval/completion_tokens"] == 6 and line["eval/hit_max_length"] == 1.0
     assert eval_lines[0]["eval/reverse_kl"] != eval_lines[2]["eval/reverse_kl"]  # the student changed
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_evaluator_measures_kl_with_the_runs_loss_backend(backend):
+    """--vopd-loss-backend reaches the evaluator's reverse-KL pass (it used to build a LossConfig
+    of its own with the default backend); the rest of the run's loss settings do not."""
+    from vopd_megatron.eval.runner import eval_loss_config
+
+    run = _run_config(1)
+    run.distill.vopd_loss_backend = backend
+    run.distill.vopd_loss, run.distill.vopd_ppo_clip = "opd", 0.2
+    config = eval_loss_config(run)
+    assert config.backend == backend
+    assert config.mode == "vopd" and config.ppo_clip is None and config.temperature == TAU

@@ -371,7 +371,7 @@ def tied_step_case(tp, pp, mode, bf16=False):
                     parallel=ParallelArgs(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
     models = _setup(run)
     try:
-        wire_megatron_hooks(models, run)
+        wire_megatron_hooks(models)
         microbatches = my_microbatches(run, dist.get_world_size())
         config = LossConfig(mode=mode, top_k=5, temperature=0.8)
         forward_backward(models, microbatches, run, config)

@@ -212,7 +212,7 @@ def case_generate_then_train(tp):
     run = run_config(tp=tp)
     models = _setup(run)
     try:
-        wire_megatron_hooks(models, run)
+        wire_megatron_hooks(models)
         student = _unwrap(models.student[0])
         batches = my_microbatches(run, dist.get_world_size())
 
@@ -226,8 +226,9 @@ def case_generate_then_train(tp):
         sampler = RolloutSampler(models.student, SamplingConfig(max_new_tokens=6, eos_id=3), VOCAB,
                                  loss_mode="vopd")
         prompts = [[(11 * i + j) % VOCAB for j in range(2 + i % 3)] for i in range(5)]
-        source = OnPolicyRolloutSource(sampler, prompts, seed=9, dp_group=ps.get_data_parallel_group())
-        first, second = source.take(4), source.take(4)
+        source = OnPolicyRolloutSource(sampler, prompts, seed=9)
+        dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        first, second = source.take(4, dp, rank), source.take(4, dp, rank)  # this DP rank's block of 4
         state = dict(
             flags_restored=flags == [m.training for m in models.student[0].modules()],
             inference_mode_off=not InferenceMode.is_active(), rng_restored=torch.equal(rng, torch.get_rng_state()),
@@ -235,10 +236,9 @@ def case_generate_then_train(tp):
         after = grads()
         grad_diff = max(float((after[n] - g).abs().max()) for n, g in before.items())
         source.seek(4)
-        resumed = source.take(4)
+        resumed = source.take(4, dp, rank)
         # A distillation step on the sampled rollouts, with the engine's log-probs for the correction.
-        dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        mine = first[rank * 4 // dp : (rank + 1) * 4 // dp]
+        mine = first
         config = LossConfig(mode="vopd", rollout_correction="truncate")
         metrics = forward_backward(models, [collate(mine, TRAIN_SEQ)], run, config)
         # Alignment through the production path (collate -> Megatron forward ->
@@ -258,7 +258,7 @@ def case_generate_then_train(tp):
         for name, k in (("late", 1), ("early", -1)):
             gaps[name] = abs_gap(forward_backward(models, [collate([moved(r, k) for r in longer], TRAIN_SEQ)],
                                                   run, config))
-        return dict(state, grad_diff=grad_diff, grad_norm=max(float(g.abs().max()) for g in before.values()),
+        return dict(state, dp=dp, grad_diff=grad_diff, grad_norm=max(float(g.abs().max()) for g in before.values()),
                     first=first, second=second, resumed=resumed, consumed=source.consumed,
                     losses=[float(m["loss"][0]) for m in metrics], gaps=gaps)
     finally:
@@ -382,7 +382,10 @@ def test_generate_then_train_step(pool2, tp):
         assert r["resumed"] == r["second"], "seek() did not reproduce the rollouts"
         assert r["first"] != r["second"] and r["consumed"] == 8
         assert all(len(x.completion_ids) == len(x.logprobs) >= 1 for x in r["first"])
-    assert results[0]["first"] == results[1]["first"], "ranks returned different rollouts"
+    if tp == 2:  # one DP rank: both TP ranks sample the same block with the same seed
+        assert results[0]["first"] == results[1]["first"], "TP ranks returned different rollouts"
+    else:  # DP 2: each rank samples only its own half of the 4
+        assert [len(r["first"]) for r in results] == [2, 2] and results[0]["first"] != results[1]["first"]
     losses = [x for r in results for x in r["losses"]]
     assert losses and all(x == x for x in losses)
     # Logits at position t are scored against token t+1, on completion tokens

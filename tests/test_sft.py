@@ -44,18 +44,21 @@ def global_batch():
 
 
 def _build(run):
-    from vopd_megatron.training.setup import initialize_parallel
-    from vopd_megatron.training.sft import build_student
+    """vopd-sft's model: the student alone, built and wired as vopd-sft does."""
+    from vopd_megatron.runtime.pipeline import wire_grad_hooks
+    from vopd_megatron.runtime.startup import initialize_parallel
+    from vopd_megatron.training.setup import build_models
 
-    initialize_parallel(run)
-    return build_student(run)[0]
+    models = build_models(run, initialize_parallel(run), with_teacher=False)
+    wire_grad_hooks(models.student[0].config, models.student)
+    return models
 
 
 def make_initial(ckpt):
     from vopd_megatron.training.checkpoint import save_checkpoint
 
     try:
-        save_checkpoint(ckpt, 0, [_build(run_config())], None, None, {"iteration": 0})
+        save_checkpoint(ckpt, 0, _build(run_config()).student, None, None, {"iteration": 0})
     finally:
         _teardown()
 
@@ -66,7 +69,7 @@ def reference(ckpt):
     from vopd_megatron.model.masks import causal_mask
 
     try:
-        model = _build(run_config())
+        model = _build(run_config()).student[0]
         load_model_weights(ckpt, [model])
         b = collate(global_batch(), SEQ)
         logits = _unwrap(model)(b["tokens"], b["position_ids"], causal_mask(SEQ, "cpu"))  # [b, s, 32]
@@ -85,15 +88,20 @@ def layout(tp, ckpt, grad_dir):
     from megatron.core import dist_checkpointing
 
     from vopd_megatron.training.checkpoint import load_model_weights
-    from vopd_megatron.training.sft import mean_loss, sft_forward_backward
-    from vopd_megatron.training.train import dp_microbatches
+    from vopd_megatron.runtime.context import ParallelContext
+    from vopd_megatron.runtime.sharding import shard
+    from vopd_megatron.training.batch import to_microbatches
+    from vopd_megatron.training.sft_step import mean_loss, sft_forward_backward
 
     run = run_config(tp)
     try:
-        model = _build(run)
+        models = _build(run)
+        model = models.student[0]
         load_model_weights(ckpt, [model])
-        losses = sft_forward_backward(model, dp_microbatches(global_batch(), run, "cpu"), run)
-        loss = mean_loss(losses)
+        ctx = ParallelContext.from_megatron()
+        mine = shard(global_batch(), ctx.dp_size, ctx.dp_rank)
+        losses = sft_forward_backward(models, to_microbatches(mine, run.train.micro_batch_size, SEQ, "cpu"), run)
+        loss = mean_loss(losses, ctx)
         inner = _unwrap(model)
         with torch.no_grad():
             for p in inner.parameters():
@@ -108,7 +116,7 @@ def read_full(grad_dir):
     from megatron.core import dist_checkpointing
 
     try:
-        inner = _unwrap(_build(run_config()))
+        inner = _unwrap(_build(run_config()).student[0])
         inner.load_state_dict(dist_checkpointing.load(inner.sharded_state_dict(), grad_dir))
         return {n: p.detach().clone() for n, p in inner.named_parameters()}
     finally:
@@ -140,7 +148,7 @@ def test_sft_rows_mask_the_prompt_and_end_with_eos(tmp_path):
     from pathlib import Path
 
     from vopd_megatron.data import load_tokenizer
-    from vopd_megatron.training.sft import load_sft_rows
+    from vopd_megatron.training.sft_data import load_sft_rows
 
     spec = importlib.util.spec_from_file_location("task", Path(__file__).parents[1] / "examples/arithmetic/task.py")
     task = importlib.util.module_from_spec(spec)
@@ -160,3 +168,37 @@ def test_sft_rows_mask_the_prompt_and_end_with_eos(tmp_path):
         [0.0] * (48 - n + 1)
     with pytest.raises(ValueError, match="do not fit"):
         load_sft_rows(tmp_path / "sft.jsonl", tok, eos, seq_length=20)
+
+
+def test_sft_bf16_trains_bf16_parameters(tmp_path):
+    """`vopd-sft --bf16` wraps the model as vopd-train wraps its student (Float16Module): every weight
+    it trains and saves is bf16. Before, it built the model unwrapped: the final norm's weight stayed
+    fp32 and the forward ran outside Megatron's mixed-precision wrapper."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    root = Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("task", root / "examples/arithmetic/task.py")
+    task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task)
+    task.build_tokenizer(tmp_path / "tokenizer.json")
+    rows = [{"prompt": task.prompt(a, b), "completion": task.solution(a, b)} for a, b in ((12, 34), (56, 7))]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "vopd_megatron.training.sft", "--config", "examples/arithmetic/config.yaml",
+           "--tokenizer-model", str(tmp_path / "tokenizer.json"), "--sft-data", str(tmp_path / "sft.jsonl"),
+           "--train-iters", "1", "--global-batch-size", "2", "--micro-batch-size", "2", "--bf16",
+           "--save", str(out), "--save-interval", "1"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (iteration,) = [p for p in out.iterdir() if p.name.startswith("iter_")]
+    metadata = FileSystemReader(str(iteration)).read_metadata().state_dict_metadata
+    dtypes = {k: m.properties.dtype for k, m in metadata.items()
+              if hasattr(m, "properties") and m.properties.dtype.is_floating_point and "_extra_state" not in k}
+    weights = {k: d for k, d in dtypes.items() if k.endswith(".weight")}
+    assert weights, f"no weights in the checkpoint: {sorted(metadata)[:5]}"
+    assert set(weights.values()) == {torch.bfloat16}, {k: d for k, d in weights.items() if d != torch.bfloat16}

@@ -62,10 +62,10 @@ def _unwrap(m):
 
 
 def _setup(run):
-    from vopd_megatron.training.setup import build_models, initialize_parallel
+    from vopd_megatron.runtime.startup import initialize_parallel
+    from vopd_megatron.training.setup import build_models
 
-    initialize_parallel(run)
-    return build_models(run)
+    return build_models(run, initialize_parallel(run))
 
 
 def _teardown():
@@ -110,7 +110,7 @@ def layout_gradients(tp, pp, student_dir, teacher_dir, grad_dir, mode, **teacher
     try:
         _load(models.student[0], student_dir)
         _load(models.teacher, teacher_dir)
-        wire_megatron_hooks(models, run)
+        wire_megatron_hooks(models)
         microbatches = my_microbatches(run, dist.get_world_size())
         forward_backward(models, microbatches, run, LossConfig(mode=mode, top_k=5))
         student = _unwrap(models.student[0])
@@ -198,6 +198,7 @@ def test_student_gradients_identical_across_layouts(gloo_pools, tmp_path, mode):
 
 def teacher_stays_frozen(tp, pp, use_distributed_optimizer):
     """Two real optimizer steps; the teacher's tensors before and after, and its grads."""
+    from vopd_megatron.runtime.context import ParallelContext
     from vopd_megatron.training.setup import build_optimizer
     from vopd_megatron.training.step import train_step, wire_megatron_hooks
 
@@ -206,11 +207,11 @@ def teacher_stays_frozen(tp, pp, use_distributed_optimizer):
     models = _setup(run)
     try:
         optimizer, scheduler = build_optimizer(run, models.student)
-        wire_megatron_hooks(models, run)
+        wire_megatron_hooks(models)
         before = {n: p.detach().clone() for n, p in models.teacher.named_parameters()}
         student_before = {n: p.detach().clone() for n, p in _unwrap(models.student[0]).named_parameters()}
         results = [train_step(models, optimizer, scheduler, my_microbatches(run, dist.get_world_size()), run,
-                              LossConfig(mode="vopd")) for _ in range(2)]
+                              LossConfig(mode="vopd"), ParallelContext.from_megatron()) for _ in range(2)]
         teacher_same = all(torch.equal(p, before[n]) for n, p in models.teacher.named_parameters())
         teacher_grads = [n for n, p in models.teacher.named_parameters()
                          if p.grad is not None or getattr(p, "main_grad", None) is not None or p.requires_grad]
