@@ -91,7 +91,7 @@ from vopd_megatron.errors import entry_point
 from vopd_megatron.loss import LOSS_MODES, TOPK_MODES, LossConfig, vocab_parallel_opd_loss
 from vopd_megatron.loss.backend import interpreter_on
 from vopd_megatron.model.builder import te_available
-from vopd_megatron.net import free_local_port
+from vopd_megatron.runtime.startup import start_process_group
 from vopd_megatron.testing.memory import cpu_peak_bytes
 
 #: Peak HBM bandwidth in GB/s by device-name substring, for the "% of peak" column.
@@ -150,11 +150,7 @@ def parse_args():
 
 def init_distributed(device: torch.device) -> dist.ProcessGroup:
     """The TP group: WORLD under torchrun, else a 1-process group (Megatron's CE needs one)."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if "RANK" in os.environ:
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_local_port()}", rank=0, world_size=1)
+    start_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return dist.group.WORLD
 
 

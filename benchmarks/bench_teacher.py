@@ -40,7 +40,7 @@ from vopd_megatron.config.schema import ModelArgs, ParallelArgs, TrainArgs
 from vopd_megatron.errors import entry_point
 from vopd_megatron.model.builder import build_gpt_stage, te_available, transformer_config
 from vopd_megatron.model.fp8 import fp8_runtime_problems, fp8_shape_problems
-from vopd_megatron.net import free_local_port
+from vopd_megatron.runtime.startup import start_process_group
 
 GPU_SHAPE = dict(num_layers=8, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
                  ffn_hidden_size=14336, vocab_size=128256, seq_length=4096)
@@ -67,8 +67,7 @@ def init_single_process(device):
         from vopd_megatron.megatron import cpu_compat
 
         cpu_compat.enable()
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{free_local_port()}", rank=0, world_size=1)
+    start_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
 

@@ -25,18 +25,18 @@ from ..net import free_local_port
 from .context import ParallelContext
 
 
-def start_process_group(timeout_minutes: int = 10) -> None:
+def start_process_group(timeout_minutes: int = 10, backend: str | None = None) -> None:
     """The default process group from the launcher's environment (or a 1-process one).
 
     timeout_minutes: --distributed-timeout-minutes (Megatron-LM's default 10).
-    NCCL with CUDA, gloo without."""
+    backend: NCCL with CUDA, gloo without, unless given (a benchmark on CPU tensors)."""
     if not launch.launched():  # plain `python`: a single rank
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_local_port()))
-    if torch.cuda.is_available():
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
         torch.cuda.set_device(launch.local_rank())
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                            timeout=timedelta(minutes=timeout_minutes))
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
 
 
 def initialize_parallel(run) -> ParallelContext:
