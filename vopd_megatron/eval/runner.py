@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from ..loss import LossConfig
-from ..rollout.sampler import RolloutSampler, SamplingConfig, mix_seed
+from ..rollout.sampler import RolloutSampler
+from ..rollout.sampling import SamplingConfig, mix_seed
 from ..rollout.types import Rollout
 from ..training.batch import collate
 from .grading import ProblemGrade, grade_problem, pass_at_k, summarize_grades

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .sampler import RolloutSampler, mix_seed
+from .sampler import RolloutSampler
+from .sampling import mix_seed
 from .types import Rollout
 
 
