@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 
 from ..config.schema import ConfigError, ModelArgs, validate_model_args
+from ..errors import UserError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -20,8 +21,8 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-class ConversionError(ValueError):
-    """A checkpoint or config the converter cannot (or must not) convert."""
+class ConversionError(UserError, ValueError):
+    """A checkpoint or config the converter cannot (or must not) convert (a user error)."""
 
 
 def _rope(cfg: dict) -> tuple[float, dict | None]:
