@@ -85,7 +85,7 @@ def measure(models, run, prompts: list[list[int]], modes: list[str], resamples: 
     """Per mode: the variance summary of its gradient over `resamples` paired draws,
     sampled exactly as vopd-train samples its rollouts."""
     from ..rollout import RolloutSampler
-    from .data import Rollout
+    from ..rollout.types import Rollout
     from .step import forward_backward
     from .train import dp_microbatches, rollout_sampling_config
 
