@@ -59,26 +59,28 @@ def _is_package(path: Path) -> bool:
     return path.name == "__init__.py"
 
 
-def _targets(node: ast.AST, module: str, is_package: bool, modules) -> list[str]:
-    """The package modules an import statement runs (names without the package prefix)."""
+def _resolve(node: ast.AST, module: str, is_package: bool, modules) -> tuple[list[str], list[str]]:
+    """(the package modules an import statement runs, the package names it imports that are no module).
+
+    Names are without the package prefix; a dangling name would fail at import time."""
     if isinstance(node, ast.Import):
-        names = [alias.name for alias in node.names]
-        return [_longest_module(name, modules) for name in names if name.split(".")[0] == PACKAGE]
+        names = [_strip(a.name) for a in node.names if a.name.split(".")[0] == PACKAGE]
+        return [_longest_module(n, modules) for n in names], [n for n in names if n not in modules]
     assert isinstance(node, ast.ImportFrom)
     if node.level == 0:
         if (node.module or "").split(".")[0] != PACKAGE:
-            return []
-        base = node.module
+            return [], []
+        base = _strip(node.module)
     else:
-        here = [PACKAGE, *filter(None, module.split("."))]
+        here = [*filter(None, module.split("."))]
         package = here if is_package else here[:-1]
-        anchor = package[: len(package) - (node.level - 1)]
-        base = ".".join(anchor + ([node.module] if node.module else []))
-    out = []
-    for alias in node.names:
-        sub = f"{base}.{alias.name}"
-        out.append(_strip(sub) if _strip(sub) in modules else _longest_module(base, modules))
-    return out
+        if node.level - 1 > len(package):
+            return [], [f"{'.' * node.level}{node.module or ''} (above {PACKAGE})"]
+        base = ".".join(package[: len(package) - (node.level - 1)] + ([node.module] if node.module else []))
+    if base not in modules:
+        return [_longest_module(base, modules)], [base]
+    subs = [".".join(filter(None, (base, a.name))) for a in node.names]
+    return [sub if sub in modules else base for sub in subs], []
 
 
 def _strip(name: str) -> str:
@@ -86,25 +88,30 @@ def _strip(name: str) -> str:
 
 
 def _longest_module(name: str, modules) -> str:
-    parts = _strip(name).split(".")
+    parts = name.split(".")
     while parts and ".".join(parts) not in modules:
         parts.pop()
     return ".".join(parts)
 
 
-def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
-    """Module -> the package modules it imports (anywhere in its code), self-imports left out."""
+def _imports(root: Path):
+    """(module, the modules its import statements run, the names they import that are no module)."""
     files = module_files(root)
-    graph = {}
     for module, path in files.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        edges = set()
+        targets, dangling = set(), []
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                edges.update(_targets(node, module, _is_package(path), files))
-        edges.discard(module)
-        graph[module] = edges
-    return graph
+                found, missing = _resolve(node, module, _is_package(path), files)
+                targets.update(found)
+                dangling += [f"{_name(module)}:{node.lineno} -> {_name(m)}" for m in missing]
+        targets.discard(module)
+        yield module, targets, dangling
+
+
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the package modules it imports (anywhere in its code), self-imports left out."""
+    return {module: targets for module, targets, _ in _imports(root)}
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -170,8 +177,9 @@ def test_graph_builder_sees_known_edges():
     assert "errors" in graph["data.checks"]  # `from ..errors import ...`
 
 
-def test_checks_catch_a_lazy_cycle_and_an_upward_import(tmp_path):
-    """A cycle closed by an import inside a function, through a package's __init__."""
+def test_checks_catch_a_lazy_cycle_an_upward_and_a_dangling_import(tmp_path):
+    """A cycle closed by an import inside a function, through a package's __init__; an import of a
+    module that does not exist."""
     pkg = tmp_path / PACKAGE
     (pkg / "loss").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -182,6 +190,22 @@ def test_checks_catch_a_lazy_cycle_and_an_upward_import(tmp_path):
     assert graph == {"": set(), "errors": {"loss"}, "loss": {"loss.helper"}, "loss.helper": {"errors"}}
     assert find_cycles(graph) == [["errors", "loss", "loss.helper"]]
     assert layer_of("errors") < layer_of("loss")  # errors -> loss is upward
+    (pkg / "loss" / "api.py").write_text("def f():\n    from .gone import value\n")
+    assert [d for _, _, lines in _imports(pkg) for d in lines] == ["loss.api:2 -> loss.gone"]
+
+
+def test_every_import_names_a_module():
+    """`from .data import Rollout` where `data.py` is gone fails only when that line runs (lazy)."""
+    dangling = [line for _, _, lines in _imports(ROOT) for line in lines]
+    assert not dangling, "imports of package modules that do not exist:\n" + "\n".join(dangling)
+
+
+def test_no_module_imports_its_own_package_init():
+    """A module takes a sibling from the sibling's module, not from the `__init__` re-exporting it."""
+    graph = import_graph()
+    own = sorted(f"{_name(a)} -> {_name(b)}" for a, targets in graph.items() for b in targets
+                 if a and (b == "" or a.startswith(b + ".")))
+    assert not own, "modules importing their own package's __init__:\n" + "\n".join(own)
 
 
 def test_no_import_cycles():
