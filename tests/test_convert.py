@@ -81,7 +81,7 @@ def megatron_logits(cases, tp, pp):
     from megatron.core import tensor_parallel
 
     from vopd_megatron.config.schema import ModelArgs, ParallelArgs, TrainArgs
-    from vopd_megatron.convert.hf_config import flags_to_model_args
+    from vopd_megatron.training.model_flags import flags_to_model_args
     from vopd_megatron.model.builder import build_gpt_stage
     from vopd_megatron.training.checkpoint import load_model_weights
     from vopd_megatron.model.masks import causal_mask

@@ -64,6 +64,18 @@ def test_mapped_error_classes_are_user_errors():
         assert info.value.code == "error: --flag is wrong"
 
 
+def test_converter_and_checkpoint_errors_are_user_errors_of_their_old_kinds():
+    """Derived from UserError (errors.py needs not know them) and still the builtin they were."""
+    from vopd_megatron.convert.hf_config import ConversionError
+    from vopd_megatron.training.checkpoint import CheckpointError
+
+    for cls, builtin in ((ConversionError, ValueError), (CheckpointError, RuntimeError)):
+        exc = cls("bad checkpoint")
+        assert isinstance(exc, UserError) and isinstance(exc, builtin)
+        assert str(exc) == "bad checkpoint" and exc.args == ("bad checkpoint",)
+        assert not exc.same_on_all_ranks
+
+
 @pytest.mark.parametrize("exc", [KeyError("a bug"), ZeroDivisionError(), OSError(errno.ENOENT, "gone")])
 def test_a_bug_keeps_its_traceback(exc):
     with pytest.raises(type(exc)):

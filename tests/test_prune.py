@@ -51,7 +51,7 @@ def save_at_layout(ckpt_dir, flags, save_dir, tp, pp):
     from megatron.core import tensor_parallel
 
     from vopd_megatron.config.schema import ModelArgs, ParallelArgs, TrainArgs
-    from vopd_megatron.convert.hf_config import flags_to_model_args
+    from vopd_megatron.training.model_flags import flags_to_model_args
     from vopd_megatron.model.builder import build_gpt_stage
     from vopd_megatron.training.checkpoint import load_model_weights, save_checkpoint
 

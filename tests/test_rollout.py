@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from vopd_megatron.rollout import SamplingConfig, truncate
-from vopd_megatron.rollout.sampler import stop_position, warn_if_biased
+from vopd_megatron.rollout.sampler import warn_if_biased
+from vopd_megatron.rollout.sampling import stop_position
 
 TRUE_VOCAB, PADDED_VOCAB, SEQ = 50, 64, 32  # 14 padded columns: they must never be drawn
 P_MIN = 1e-3  # chi-square acceptance level
@@ -461,7 +462,7 @@ def test_truncate_keeps_stop_token_and_flags_max_length():
 
 
 def test_stop_string_token_hints(tmp_path):
-    from vopd_megatron.rollout.sampler import with_stop_string_hints
+    from vopd_megatron.rollout.sampling import with_stop_string_hints
 
     tok = letter_tokenizer(str(tmp_path))
     ab = tok.encode("ab", add_special_tokens=False)

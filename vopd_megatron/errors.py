@@ -12,12 +12,14 @@ What counts as a user error (`is_user_error`):
 - `UserError` and its subclasses: `DataError` (a data file: prompts,
   rollouts, evaluation problems, SFT rows, a tokenizer; `MissingFileError`
   when the path is missing or not a file), `TrainingFault`
-  (training had to stop: a non-finite loss or gradient norm) and
-  `MissingDependency` (an optional package the input needs);
-- the project's older error classes, which mean the same and are mapped
-  here rather than re-based: `config.schema.ConfigError`,
-  `convert.hf_config.ConversionError`, `training.checkpoint.CheckpointError`
-  (a branch may also derive them from `UserError`; both work);
+  (training had to stop: a non-finite loss or gradient norm),
+  `MissingDependency` (an optional package the input needs) and, defined
+  where they are raised, `convert.hf_config.ConversionError` (a checkpoint or
+  config the converter refuses) and `training.checkpoint_files.CheckpointError`
+  (a checkpoint that is missing, damaged or does not match the run);
+- `config.schema.ConfigError`, an older class that means the same and is
+  mapped here rather than re-based (a branch may also derive it from
+  `UserError`; both work);
 - `OSError`s of the environment: no space left, quota, permission denied,
   read-only file system (errno ENOSPC, EDQUOT, EACCES, EPERM, EROFS).
 
@@ -87,12 +89,10 @@ def debug() -> bool:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """UserError and the older classes mapped to it (imported when first needed)."""
+    """UserError and the older class mapped to it (imported when first needed)."""
     from .config.schema import ConfigError
-    from .convert.hf_config import ConversionError
-    from .training.checkpoint import CheckpointError
 
-    return UserError, ConfigError, ConversionError, CheckpointError
+    return UserError, ConfigError
 
 
 def is_user_error(exc: BaseException) -> bool:

@@ -10,31 +10,19 @@ sequences no longer than the window.
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 from ..config.schema import ConfigError, ModelArgs, validate_model_args
+from ..errors import UserError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 #: megatron-core's `RotaryEmbedding._apply_scaling` hard-codes these (only `factor` is a flag).
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
-#: ModelArgs fields a converted model's flags YAML sets (the shape; never seq-length or parallelism).
-#: Megatron-LM's defaults apply to every flag not set, so the YAML also spells out what an HF model
-#: has where Megatron-LM's default differs: no dropout, and --group-query-attention (without it
-#: Megatron-LM ignores --num-query-groups).
-FLAG_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-    "max_position_embeddings", "position_embedding_type", "rotary_base", "use_rope_scaling", "rope_scaling_factor",
-    "normalization", "norm_epsilon", "swiglu", "untie_embeddings_and_output_weights", "disable_bias_linear",
-    "add_qkv_bias", "qk_layernorm", "hidden_dropout", "attention_dropout", "vocab_size",
-    "make_vocab_size_divisible_by",
-)
 
-
-class ConversionError(ValueError):
-    """A checkpoint or config the converter cannot (or must not) convert."""
+class ConversionError(UserError, ValueError):
+    """A checkpoint or config the converter cannot (or must not) convert (a user error)."""
 
 
 def _rope(cfg: dict) -> tuple[float, dict | None]:
@@ -108,25 +96,6 @@ def check_layout(m: ModelArgs, tp: int, pp: int) -> None:
         validate_model_args("converted model", m, tp, pp)
     except ConfigError as exc:
         raise ConversionError(str(exc)) from None
-
-
-def model_flags(m: ModelArgs) -> dict:
-    """The `--flag: value` mapping (dashed Megatron-LM names) of a model, for a YAML `--config`
-    or a teacher config (also read as the teacher's model_flags.yaml beside its checkpoint)."""
-    flags = {}
-    for name in FLAG_FIELDS:
-        if name == "num_query_groups":
-            flags["group-query-attention"] = m.num_query_groups is not None
-        flags[name.replace("_", "-")] = getattr(m, name)
-    return flags
-
-
-def flags_to_model_args(flags: dict, base: ModelArgs | None = None) -> ModelArgs:
-    """Inverse of `model_flags` (dashed or underscored keys)."""
-    fields = {k.replace("-", "_"): v for k, v in flags.items()}
-    if not fields.pop("group_query_attention", True):
-        fields["num_query_groups"] = None
-    return dataclasses.replace(base or ModelArgs(), **fields)
 
 
 def model_args_to_hf_config(m: ModelArgs, model_type: str | None = None) -> dict:

@@ -23,9 +23,10 @@ import yaml
 from ..config.schema import ModelArgs
 from ..progress import Progress
 from ..training import checkpoint as ckpt
+from ..training.model_flags import model_flags
 from . import mappings as mp
 from .dcp_io import LazyTensor, write_torch_dist
-from .hf_config import FAMILIES, ConversionError, check_layout, hf_config_to_model_args, model_flags
+from .hf_config import FAMILIES, ConversionError, check_layout, hf_config_to_model_args
 from .hf_io import HFCheckpoint
 from .outdir import staged_output
 

@@ -21,11 +21,11 @@ import warnings
 
 from ..config.schema import ModelArgs
 from ..training.checkpoint_files import find_latest, short_error
-from ..training.megatron_format import model_flags_from_args
+from ..training.model_flags import flags_to_model_args, model_flags_from_args
 from ..progress import Progress
 from . import mappings as mp
 from .dcp_io import ChunkReader
-from .hf_config import ConversionError, flags_to_model_args, hf_config_to_model_args, model_args_to_hf_config
+from .hf_config import ConversionError, hf_config_to_model_args, model_args_to_hf_config
 from .hf_io import ShardedSafetensorsWriter
 from .outdir import staged_output
 

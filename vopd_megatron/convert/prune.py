@@ -34,9 +34,10 @@ from __future__ import annotations
 import os
 import re
 
+from ..training.model_flags import flags_to_model_args, model_flags
 from . import mappings as mp
 from .dcp_io import ChunkReader, LazyTensor, RawBytes
-from .hf_config import ConversionError, flags_to_model_args, model_flags
+from .hf_config import ConversionError
 from .hf_to_megatron import FLAGS_FILE, megatron_common, weights_only_info, write_weights_checkpoint
 from .megatron_to_hf import open_checkpoint
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from ..loss.config import LossConfig
 from ..rollout.sampler import RolloutSampler
-from ..rollout.sampler import SamplingConfig, mix_seed  # TODO sampling
+from ..rollout.sampling import SamplingConfig, mix_seed
 from ..rollout.types import Rollout
 from ..runtime.context import ParallelContext
 from ..runtime.sharding import shard_bounds

@@ -20,7 +20,7 @@ Three behaviours of Megatron's static controller are adjusted, each in one place
 2. It stops on `tokenizer.eod` only (not `termination_id`) and its length
    counter excludes the EOS token, so the EOS and its log-prob would be lost.
    `_RolloutController.update_generation_status` counts the EOS / last stop
-   token and also stops on stop sequences; `truncate` in sampler.py has the
+   token and also stops on stop sequences; `truncate` in sampling.py has the
    final word either way.
 3. Its sampling generator is seeded once from the model config; here it is
    the sampler's generator, seeded per `generate` call.
@@ -47,7 +47,7 @@ from megatron.core.inference.text_generation_controllers.text_generation_control
     TextGenerationController,
 )
 
-from .sampler import SamplingConfig, policy_logits
+from .sampling import SamplingConfig, policy_logits
 
 
 class _IdTokenizer:

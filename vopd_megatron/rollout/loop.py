@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..model.masks import causal_mask
-from .sampler import SamplingConfig, policy_logits, stop_position
+from .sampling import SamplingConfig, policy_logits, stop_position
 
 
 def loop_generate(model, prompts: list[list[int]], config: SamplingConfig, vocab_size: int,

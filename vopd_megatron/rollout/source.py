@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from .types import Rollout
 from ..runtime.sharding import shard_bounds
-from .sampler import RolloutSampler, mix_seed
+from .sampler import RolloutSampler
+from .sampling import mix_seed
+from .types import Rollout
 
 
 class OnPolicyRolloutSource:

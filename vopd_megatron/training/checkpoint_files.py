@@ -35,6 +35,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from ..errors import UserError
+
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"  # Megatron-LM's name
 COMPLETE_MARKER = "vopd_checkpoint_complete.json"
 FORMAT_VERSION = 1
@@ -50,8 +52,9 @@ def short_error(exc: BaseException, limit: int = 200) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[:limit] + " ..."
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, damaged, or does not match the model or the run."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that is missing, incomplete, damaged, or does not match the model or the run
+    (a user error)."""
 
 
 def checkpoint_dir(save_dir: str, iteration: int) -> str:

@@ -120,8 +120,7 @@ def recorded_model(common: dict | None):
     `args` (Megatron-LM's own checkpoints and vopd-train's); None when it records none."""
     from argparse import Namespace
 
-    from ..convert.hf_config import flags_to_model_args
-    from .megatron_format import model_flags_from_args
+    from .model_flags import flags_to_model_args, model_flags_from_args
 
     common = common or {}
     if isinstance(common.get("vopd_convert"), dict):

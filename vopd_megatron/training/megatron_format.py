@@ -283,20 +283,3 @@ def tensor_keys(path: str) -> list[str]:
     from torch.distributed.checkpoint import FileSystemReader
 
     return list(FileSystemReader(path).read_metadata().state_dict_metadata) if os.path.isdir(path) else []
-
-
-def model_flags_from_args(args) -> dict:
-    """ModelArgs fields (the converter's model flags) of the model a checkpoint's `args` describe."""
-    groups = args.num_query_groups if getattr(args, "group_query_attention", False) else None
-    return dict(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=groups, kv_channels=args.kv_channels,
-        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
-        use_rope_scaling=bool(getattr(args, "use_rope_scaling", False)),
-        rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0), normalization=args.normalization,
-        norm_epsilon=args.layernorm_epsilon, swiglu=args.swiglu,
-        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
-        disable_bias_linear=not args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
-        qk_layernorm=args.qk_layernorm, vocab_size=args.vocab_size or args.padded_vocab_size,
-        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-    )

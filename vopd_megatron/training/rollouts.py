@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..rollout.sampler import RolloutSampler
-from ..rollout.sampler import SamplingConfig  # TODO sampling
+from ..rollout.sampling import SamplingConfig
 from ..rollout.source import OnPolicyRolloutSource
 from .inputs import RunInputs, run_eos_id
 
