@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 #: lowest first; a name is a top-level module or a subpackage of vopd_megatron.
 LAYERS = (
-    ("errors", "net", "progress", "timing"),  # foundation
+    ("errors", "launch", "net", "progress", "timing"),  # foundation
     ("loss",),
     ("data",),
     ("config",),
