@@ -12,12 +12,14 @@ What counts as a user error (`is_user_error`):
 - `UserError` and its subclasses: `DataError` (a data file: prompts,
   rollouts, evaluation problems, SFT rows, a tokenizer; `MissingFileError`
   when the path is missing or not a file), `TrainingFault`
-  (training had to stop: a non-finite loss or gradient norm) and
-  `MissingDependency` (an optional package the input needs);
+  (training had to stop: a non-finite loss or gradient norm),
+  `MissingDependency` (an optional package the input needs) and, defined
+  with the configuration, `config.schema.ConfigError` (a flag or a
+  combination of flags);
 - the project's older error classes, which mean the same and are mapped
-  here rather than re-based: `config.schema.ConfigError`,
-  `convert.hf_config.ConversionError`, `training.checkpoint.CheckpointError`
-  (a branch may also derive them from `UserError`; both work);
+  here rather than re-based: `convert.hf_config.ConversionError`,
+  `training.checkpoint.CheckpointError` (a branch may also derive them from
+  `UserError`; both work);
 - `OSError`s of the environment: no space left, quota, permission denied,
   read-only file system (errno ENOSPC, EDQUOT, EACCES, EPERM, EROFS).
 
@@ -88,11 +90,10 @@ def debug() -> bool:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """UserError and the older classes mapped to it (imported when first needed)."""
-    from .config.schema import ConfigError
     from .convert.hf_config import ConversionError
     from .training.checkpoint import CheckpointError
 
-    return UserError, ConfigError, ConversionError, CheckpointError
+    return UserError, ConversionError, CheckpointError
 
 
 def is_user_error(exc: BaseException) -> bool:

@@ -19,11 +19,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+from ..errors import UserError
 from ..loss.config import LossConfig
 
 
-class ConfigError(ValueError):
-    """A configuration problem found before any work starts."""
+class ConfigError(UserError, ValueError):
+    """A configuration problem found before any work starts: a user error, reported
+    as one `error: ...` line naming the flag (errors.entry_point); also a ValueError
+    for callers that catch that."""
 
 
 def ranged(default, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False):
