@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from vopd_megatron.config import parse_config
-from vopd_megatron.config.schema import ConfigError, ModelArgs, ParallelArgs, RunConfig, TrainArgs
+from vopd_megatron.config import ConfigError, ModelArgs, ParallelArgs, RunConfig, TrainArgs
 from vopd_megatron.model import dry_run
 from vopd_megatron.model.dry_run import dry_run_report, layer_activation_bytes
 

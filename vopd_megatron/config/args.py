@@ -2,7 +2,7 @@
 
 `parse_run(argv, tool=...)` is the one way in:
 
-1. Megatron-LM's parser with the plugin's flags (`megatron_args.build_parser`);
+1. Megatron-LM's parser with the plugin's flags (`plugin_flags.build_parser`);
    a `--config` YAML becomes command-line tokens placed before the real ones.
 2. Values checked as a class (`checks`): every float finite, Megatron-LM
    ranges, every plugin field's declared range.
@@ -33,11 +33,14 @@ from dataclasses import dataclass
 from .checks import check_megatron_values, check_ranges
 from .flag_policy import ARCHITECTURE, MODEL_KERNELS, MODEL_SHARED, RESET, TRAINING, VALUE_RULES, classify
 from .megatron_args import (
-    build_parser, check_schedule, megatron_defaults, megatron_group, option_for, scheduler_settings,
+    check_schedule, megatron_defaults, megatron_group, option_for, scheduler_settings,
     transformer_config_from_namespace, validate,
 )
-from .plugin_flags import PLUGIN_SECTIONS, load_yaml_overrides, parse_tokens, plugin_section, yaml_tokens
-from .schema import CheckpointArgs, ConfigError, LoggingArgs, ModelArgs, ParallelArgs, RunConfig, TrainArgs
+from .plugin_flags import (
+    PLUGIN_SECTIONS, build_parser, load_yaml_overrides, parse_tokens, plugin_section, yaml_tokens,
+)
+from .run import RunConfig
+from .schema import CheckpointArgs, ConfigError, LoggingArgs, ModelArgs, ParallelArgs, TrainArgs
 from .teacher import teacher_config_path, teacher_namespace
 
 __all__ = ["ParsedRun", "parse_run", "parse_config", "build_parser", "load_yaml_overrides", "to_flat_dict"]

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from ..config.schema import ConfigError, ModelArgs, validate_model_args
+from ..config.checks import validate_model_args
+from ..config.schema import ConfigError, ModelArgs
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -51,19 +51,9 @@ The redirections, narrowest first:
    its checkpointing and the rerun state machine go to the CPU, as in 1. and 2.;
    `get_model`'s `model.cuda()` runs as in 3.
 
-Separately, only while a configuration is checked and built (never while a
-model runs), `planning_as_on_gpu()` answers two questions about the machine as
-the GPU target would, so that `--dry-run` plans a GPU job on a laptop and the
-front end builds Megatron-LM's exact TransformerConfig there (used by
-config/megatron_args.py and config/args.py; with a GPU it changes nothing):
-
-* `validate_args` asks the GPU's architecture (`get_device_arch_version`)
-  whenever TP or CP > 1, to demand CUDA_DEVICE_MAX_CONNECTIONS=1 before
-  Blackwell; without a GPU that query raises, so it answers 10.
-* TransformerConfig refuses `apply_rope_fusion` (Megatron-LM's default) when
-  Transformer Engine's fused RoPE kernel is not importable; a stub that
-  raises if ever called stands in for it. The config a model is built with
-  on such a machine turns the fusion off instead (model/builder.py).
+What the front end needs to *plan* a GPU run on a machine without one is not
+here: `config.megatron_lm.planning_as_on_gpu()`, only while a configuration is
+checked and built.
 
 Not covered (they fail loudly, as before): Transformer Engine and apex, fused
 kernels (`apply_rope_fusion`, `gradient_accumulation_fusion`), the dynamic
@@ -82,7 +72,7 @@ import types
 
 import torch
 
-__all__ = ["enable", "enable_training_loop", "is_active", "planning_as_on_gpu"]
+__all__ = ["enable", "enable_training_loop", "is_active"]
 
 _active = False
 _training_loop_active = False
@@ -91,34 +81,6 @@ _training_loop_active = False
 def is_active() -> bool:
     """True once `enable()` has installed the CPU redirections in this process."""
     return _active
-
-
-def _fused_rope_stub(*args, **kwargs):
-    raise RuntimeError("Transformer Engine's fused RoPE kernel is not available on this machine")
-
-
-@contextlib.contextmanager
-def planning_as_on_gpu():
-    """While open, machine checks of Megatron-LM's argument and config validation see a GPU target."""
-    import megatron.core.models.common.embeddings.rope_utils as rope_utils
-
-    from ..config.megatron_args import import_megatron_training
-
-    import_megatron_training()
-    import megatron.training.arguments as arguments
-
-    if torch.cuda.is_available() and rope_utils.fused_apply_rotary_pos_emb is not None:
-        yield
-        return
-    saved = arguments.get_device_arch_version, rope_utils.fused_apply_rotary_pos_emb
-    if not torch.cuda.is_available():
-        arguments.get_device_arch_version = lambda: 10
-    if rope_utils.fused_apply_rotary_pos_emb is None:
-        rope_utils.fused_apply_rotary_pos_emb = _fused_rope_stub
-    try:
-        yield
-    finally:
-        arguments.get_device_arch_version, rope_utils.fused_apply_rotary_pos_emb = saved
 
 
 def enable() -> bool:

@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 
 from ..config.megatron_args import megatron_transformer_config
-from ..config.schema import ConfigError, ModelArgs, RunConfig
+from ..config import ConfigError, ModelArgs, RunConfig
 from ..loss.fused_steps import TILE_ELEMENTS
 from ..loss.vocab_parallel import CHUNK_ELEMENTS
 from .builder import attention_env_kept, build_gpt_stage

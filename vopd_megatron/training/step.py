@@ -16,7 +16,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from ..config.schema import RunConfig
+from ..config import RunConfig
 from ..loss import LossConfig, summarize_metrics
 from ..megatron.fused_output import OutputLayerInput
 from ..megatron.loss_adapter import make_fused_loss_func, make_loss_func

@@ -23,6 +23,7 @@ from ..config.args import parse_run, to_flat_dict
 from ..config.schema import ConfigError
 from ..data import check_compatible, check_vocab_fits, load_prompt_dataset, load_tokenizer
 from ..errors import entry_point, reading_inputs
+from ..model.runtime_checks import check_runtime
 from ..net import free_local_port
 from .checkpoint_preflight import preflight_train
 from ..progress import Progress
@@ -207,7 +208,7 @@ def main(argv=None):
         if not (run.data.rollout_data or run.data.prompt_data):
             raise ConfigError("give --prompt-data (on-policy: the student samples) "
                               "or --rollout-data (rollouts from an external sampler)")
-        run.validate(ns.world_size).check_runtime()
+        check_runtime(run.validate(ns.world_size))
         inputs = load_inputs(run, evaluate=bool(run.eval.eval_every))
         preflight_train(run)  # --load, --teacher-load, --save: before any process group
 
