@@ -4,7 +4,8 @@ They are organised by class of mistake rather than by case, so that a new
 flag is covered the day it is added:
 
 * **Ranges.** Every numeric plugin field declares its admissible range in the
-  schema (`schema.ranged`); `check_ranges` reads them. Megatron-LM's own flags
+  schema (`schema.ranged`; the loss's flags take LossConfig's own,
+  `schema.loss_field`); `check_ranges` reads them. Megatron-LM's own flags
   that Megatron accepts silently out of range, or rejects with a bare
   assertion, have theirs in `MEGATRON_RANGES`, checked on the raw command line
   (`check_megatron_values`) and on a RunConfig built in code
@@ -12,8 +13,10 @@ flag is covered the day it is added:
   refused for every float flag, ours and Megatron-LM's.
 * **One model** (`validate_model_args`): its shape split TP x PP (for both
   models of a run, and for the checkpoint converter).
-* **One section's flags together** (`check_distill`): `--vopd-top-k` with a
-  mode that ignores it, `--vopd-updates-per-batch` without `--vopd-ppo-clip`.
+* **One section's flags together** (`check_distill`): the loss's own rules
+  are LossConfig's (`DistillArgs.loss_config` words them in flags); here only
+  `--vopd-top-k` with a mode that ignores it and `--vopd-updates-per-batch`
+  without `--vopd-ppo-clip`.
 
 The rules that compare sections (teacher and student sharing one vocabulary,
 batch and layout divisibility, ...) are `RunConfig.validate`'s (`run.py`);
@@ -25,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import fields
 
-from ..loss.config import LOSS_MODES, TOPK_MODES
+from ..loss.config import TOPK_MODES, describe_range, in_range
 from .schema import ConfigError, DistillArgs, ModelArgs
 
 #: Sections whose fields are the plugin's own flags (ranges declared in the schema).
@@ -64,23 +67,13 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def describe_range(lo, hi, lo_open: bool, hi_open: bool) -> str:
-    if hi is None:
-        return f"{'>' if lo_open else '>='} {lo}"
-    if lo is None:
-        return f"{'<' if hi_open else '<='} {hi}"
-    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-
 def check_value(name: str, value, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False) -> None:
     """ConfigError naming `--name` unless `value` is None or a finite number in the range."""
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{flag(name)} {value} must be a finite number")
-    below = lo is not None and (value <= lo if lo_open else value < lo)
-    above = hi is not None and (value >= hi if hi_open else value > hi)
-    if below or above:
+    if not in_range(value, lo, hi, lo_open, hi_open):
         raise ConfigError(f"{flag(name)} {value} must be {describe_range(lo, hi, lo_open, hi_open)}")
 
 
@@ -133,17 +126,11 @@ def validate_model_args(who: str, m: ModelArgs, tp: int, pp: int) -> None:
 
 
 def check_distill(d: DistillArgs) -> None:
-    """What the --vopd-* flags mean together."""
-    if d.vopd_loss not in LOSS_MODES:
-        raise ConfigError(f"unknown --vopd-loss {d.vopd_loss!r}; expected one of {LOSS_MODES}")
-    if d.vopd_loss in TOPK_MODES and d.vopd_top_k is None:
-        raise ConfigError(f"--vopd-loss {d.vopd_loss} needs --vopd-top-k")
-    if d.vopd_loss not in TOPK_MODES and d.vopd_top_k is not None:
+    """What the --vopd-* flags mean together: first the loss's own rules (LossConfig's
+    validation, worded in flags), then the two that are about the flags, not the loss."""
+    d.loss_config()
+    if d.vopd_loss not in TOPK_MODES and d.vopd_top_k is not None:  # LossConfig ignores it: a flag would do nothing
         raise ConfigError(f"--vopd-top-k {d.vopd_top_k} has no effect with --vopd-loss {d.vopd_loss}: "
                           f"only {' and '.join(TOPK_MODES)} use it")
-    if d.vopd_updates_per_batch > 1 and d.vopd_ppo_clip is None:
+    if d.vopd_updates_per_batch > 1 and d.vopd_ppo_clip is None:  # the updates loop is the trainer's
         raise ConfigError("--vopd-updates-per-batch > 1 needs --vopd-ppo-clip (the later updates are off-policy)")
-    try:
-        d.loss_config()
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc

@@ -18,11 +18,13 @@ that can be checked before any process group or weight exists, and raises
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..loss.config import LossConfig
+from ..loss.config import RANGES as LOSS_RANGES
+from ..loss.config import LossConfig, LossConfigError
 
 
 class ConfigError(UserError, ValueError):
@@ -40,6 +42,12 @@ def ranged(default, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = 
     holds it), so a new field cannot skip range checking.
     """
     return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
+
+
+def loss_field(default, name: str):
+    """A `--vopd-*` field that sets LossConfig's `name`: its range is the loss's own
+    (`loss.config.RANGES`), so the flag and LossConfig refuse the same values."""
+    return field(default=default, metadata={"range": LOSS_RANGES[name]})
 
 
 def flag_field(default, *aliases: str, **metadata):
@@ -234,16 +242,16 @@ class DistillArgs:
 
     vopd_loss: str = "vopd"
     """Loss mode: opd, vopd, vopd_topk, vopd_opt, full_kl or topk_kl (docs/loss.md)."""
-    vopd_top_k: int | None = ranged(None, 1)
+    vopd_top_k: int | None = loss_field(None, "top_k")
     """k of the top-k modes (vopd_topk, topk_kl); an error with any other mode."""
-    vopd_temperature: float = ranged(1.0, 0, lo_open=True)
+    vopd_temperature: float = loss_field(1.0, "temperature")
     """Sampling and loss temperature tau (> 0, finite)."""
     vopd_rollout_correction: str | None = None
     """Correction for a sampling engine whose log-probs differ from the trainer's:
     "truncate" (truncated importance weight) or "mask"."""
-    vopd_rollout_correction_cap: float = ranged(2.0, 0, lo_open=True)
+    vopd_rollout_correction_cap: float = loss_field(2.0, "rollout_correction_cap")
     """Cap C of the rollout correction's importance weight."""
-    vopd_ppo_clip: float | None = ranged(None, 0, 1, lo_open=True, hi_open=True)
+    vopd_ppo_clip: float | None = loss_field(None, "ppo_clip")
     """PPO ratio clipping epsilon in (0, 1) (needed by --vopd-updates-per-batch > 1)."""
     vopd_loss_backend: str = "auto"
     """Loss kernels: "auto" (fused Triton kernels on CUDA when triton imports, else
@@ -268,12 +276,24 @@ class DistillArgs:
     PPO ratio's denominator)."""
 
     def loss_config(self) -> LossConfig:
-        return LossConfig(
+        """The LossConfig these flags describe; ConfigError in the flags' words if it cannot work.
+
+        Built once per set of values: RunConfig.validate builds it, and the trainer
+        gets the same (immutable) object."""
+        return _loss_config(
             mode=self.vopd_loss, top_k=self.vopd_top_k, temperature=self.vopd_temperature,
             rollout_correction=self.vopd_rollout_correction,
             rollout_correction_cap=self.vopd_rollout_correction_cap, ppo_clip=self.vopd_ppo_clip,
             backend=self.vopd_loss_backend,
         )
+
+
+@functools.lru_cache(maxsize=32)
+def _loss_config(**values) -> LossConfig:
+    try:
+        return LossConfig(**values)
+    except LossConfigError as exc:
+        raise ConfigError(exc.flags) from exc
 
 
 @dataclass
