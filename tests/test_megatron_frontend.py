@@ -163,7 +163,7 @@ LLAMA_3_1_8B = {"num_layers": 32, "hidden_size": 4096, "ffn_hidden_size": 14336,
 
 
 def test_8b_teacher_of_a_1b_student_has_8b_parameters(tmp_path):
-    from vopd_megatron.model.dry_run import stage_param_count
+    from vopd_megatron.model.param_count import stage_param_count
 
     ckpt = tmp_path / "llama-3.1-8b"
     ckpt.mkdir()

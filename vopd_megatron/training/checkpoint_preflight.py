@@ -95,7 +95,7 @@ def checkpoint_bytes(num_params: int, bf16: bool, with_optimizer: bool) -> int:
 
 def model_params(m) -> int:
     """Parameters of a GPT model of shape `m` (ModelArgs), counted at TP 1, PP 1."""
-    from ..model.dry_run import stage_param_count
+    from ..model.param_count import stage_param_count
 
     return stage_param_count(m, 1, 1, 0)
 
