@@ -36,10 +36,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from vopd_megatron.config.fp8_shapes import fp8_shape_problems
 from vopd_megatron.config.schema import ModelArgs, ParallelArgs, TrainArgs
 from vopd_megatron.errors import entry_point
 from vopd_megatron.model.builder import build_gpt_stage, te_available, transformer_config
-from vopd_megatron.model.fp8 import fp8_runtime_problems, fp8_shape_problems
+from vopd_megatron.model.fp8 import fp8_runtime_problems
 from vopd_megatron.runtime.startup import start_process_group
 
 GPU_SHAPE = dict(num_layers=8, hidden_size=4096, num_attention_heads=32, num_query_groups=8,

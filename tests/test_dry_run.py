@@ -26,9 +26,10 @@ import pytest
 import torch
 
 from vopd_megatron.config import parse_config
-from vopd_megatron.config.schema import ConfigError, ModelArgs, ParallelArgs, RunConfig, TrainArgs
+from vopd_megatron.config import ConfigError, ModelArgs, ParallelArgs, RunConfig, TrainArgs
 from vopd_megatron.model import dry_run
-from vopd_megatron.model.dry_run import dry_run_report, layer_activation_bytes
+from vopd_megatron.model.dry_run import dry_run_report
+from vopd_megatron.model.memory_estimate import layer_activation_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "examples/llama3_70b/config.yaml"  # its teacher-model-config path is relative to the repo root
@@ -175,7 +176,7 @@ def test_invalid_layout_raises_before_building(monkeypatch, tp, pp, world, teach
     def no_build(*args):
         raise AssertionError("built a model for an invalid config")
 
-    monkeypatch.setattr(dry_run, "_meta_counts", no_build)
+    monkeypatch.setattr(dry_run, "meta_counts", no_build)
     with pytest.raises(ConfigError, match=flag):
         dry_run_report(_tiny_config(tp, pp, teacher_overrides), world)
 

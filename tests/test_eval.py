@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from vopd_megatron.config.schema import DistillArgs, EvalArgs, ModelArgs, ParallelArgs, RunConfig, TrainArgs
+from vopd_megatron.config import DistillArgs, EvalArgs, ModelArgs, ParallelArgs, RunConfig, TrainArgs
 from vopd_megatron.eval import EvalProblem
 from vopd_megatron.loss import LossConfig
 from vopd_megatron.loss.reference import reference_token_terms

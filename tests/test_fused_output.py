@@ -359,7 +359,7 @@ def tied_step_case(tp, pp, mode, bf16=False):
     from megatron.core import parallel_state
 
     from tests.test_train_step import GLOBAL_BATCH, SEQ, VOCAB, _setup, _teardown, _unwrap, my_microbatches
-    from vopd_megatron.config.schema import ModelArgs, ParallelArgs, RunConfig, TrainArgs
+    from vopd_megatron.config import ModelArgs, ParallelArgs, RunConfig, TrainArgs
     from vopd_megatron.megatron.fused_output import OutputLayerInput
     from vopd_megatron.model.masks import causal_mask
     from vopd_megatron.training.step import forward_backward, wire_megatron_hooks

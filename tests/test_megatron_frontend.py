@@ -36,7 +36,7 @@ MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4
 
 
 def _fresh_parsers():
-    megatron_args.build_parser.cache_clear()
+    plugin_flags.build_parser.cache_clear()
     plugin_flags.plugin_specs.cache_clear()
 
 
@@ -58,11 +58,11 @@ def extended_distill(monkeypatch):
 
 
 def test_a_new_plugin_field_is_a_flag(extended_distill, capsys):
-    ns = megatron_args.build_parser().parse_args(MODEL + ["--vopd-fused-output", "--vopd-chunk-tokens", "4"])
+    ns = plugin_flags.build_parser().parse_args(MODEL + ["--vopd-fused-output", "--vopd-chunk-tokens", "4"])
     distill = plugin_flags.plugin_section(extended_distill, ns)
     assert distill.vopd_fused_output is True and distill.vopd_chunk_tokens == 4
     with pytest.raises(SystemExit):
-        megatron_args.build_parser().parse_args(["--help"])
+        plugin_flags.build_parser().parse_args(["--help"])
     assert "--vopd-fused-output Fuse the output layer into the loss." in " ".join(capsys.readouterr().out.split())
 
 
@@ -163,7 +163,7 @@ LLAMA_3_1_8B = {"num_layers": 32, "hidden_size": 4096, "ffn_hidden_size": 14336,
 
 
 def test_8b_teacher_of_a_1b_student_has_8b_parameters(tmp_path):
-    from vopd_megatron.model.dry_run import stage_param_count
+    from vopd_megatron.model.param_count import stage_param_count
 
     ckpt = tmp_path / "llama-3.1-8b"
     ckpt.mkdir()

@@ -15,7 +15,7 @@ configurations and the GPT-3 175B script, at core_v0.19.0):
 
 Every TransformerConfig field must be equal, and the parameter count. The
 GPU-only settings (FP8, fused kernels, TP 8 x PP 16) are planned on this CPU
-machine: both sides run Megatron-LM's checks under `cpu_compat.planning_as_on_gpu`,
+machine: both sides run Megatron-LM's checks under `config.megatron_lm.planning_as_on_gpu`,
 which answers the GPU architecture and TE's fused-RoPE availability as the GPU
 target would. The reference's meta build uses Megatron's local layer spec with
 the settings that spec needs without a GPU (`LOCAL_SPEC_ON_CPU`); none of them
@@ -116,7 +116,7 @@ def megatron_reference(argv: list[str], world: int, monkeypatch):
     from megatron.training.arguments import core_transformer_config_from_args, parse_args, validate_args
     from megatron.training.models.gpt import GPTModelBuilder
 
-    from vopd_megatron.megatron.cpu_compat import planning_as_on_gpu
+    from vopd_megatron.config.megatron_lm import planning_as_on_gpu
 
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *argv])
     monkeypatch.setenv("WORLD_SIZE", str(world))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.test_train_step import _teardown, _unwrap
-from vopd_megatron.config.schema import ModelArgs, ParallelArgs, RunConfig, TrainArgs
+from vopd_megatron.config import ModelArgs, ParallelArgs, RunConfig, TrainArgs
 from vopd_megatron.rollout.types import Rollout
 from vopd_megatron.training.batch import collate
 

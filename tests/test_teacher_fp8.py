@@ -1,7 +1,7 @@
 """`--teacher-fp8`: shape rules and missing-runtime errors before any work, and the config it builds.
 
 The shape rules are those of Transformer Engine's FP8 GEMMs (every dimension a
-multiple of 16 after the TP split; model/fp8.py); they are plain arithmetic,
+multiple of 16 after the TP split; config/fp8_shapes.py); they are plain arithmetic,
 checked on CPU. On a machine without TE or CUDA the run must stop with the
 reason before a process group exists. The FP8 forward itself needs TE and an
 FP8 GPU: `test_gpu_*` (skipped elsewhere) and benchmarks/bench_teacher.py.
@@ -11,9 +11,11 @@ import importlib.util
 import pytest
 import torch
 
+from vopd_megatron.config import ConfigError, DistillArgs, ModelArgs, ParallelArgs, RunConfig, TrainArgs
 from vopd_megatron.config.args import parse_config
-from vopd_megatron.config.schema import ConfigError, DistillArgs, ModelArgs, ParallelArgs, RunConfig, TrainArgs
+from vopd_megatron.config.fp8_shapes import fp8_shape_problems
 from vopd_megatron.model import fp8
+from vopd_megatron.model.runtime_checks import check_runtime
 
 
 def fp8_run(model=None, parallel=None, train=None, **teacher):
@@ -50,7 +52,7 @@ def test_shape_rules_name_the_dimension(teacher, needles):
     run = fp8_run(**teacher)
     if "seq_length" in teacher:  # the student must share the sequence length
         run.model = ModelArgs(**{**vars(run.model), "seq_length": teacher["seq_length"]})
-    problems = fp8.fp8_shape_problems(run.teacher, run.parallel, run.train)
+    problems = fp8_shape_problems(run.teacher, run.parallel, run.train)
     assert len(problems) == len(needles), problems
     for needle in needles:
         assert any(needle in p for p in problems), (needle, problems)
@@ -62,24 +64,24 @@ def test_shape_rules_name_the_dimension(teacher, needles):
 def test_tensor_parallel_split_is_checked_per_rank():
     # ffn 256 is fine at TP 1 and 8 (32 per rank) but not at TP 32 (8 per rank).
     model = ModelArgs(vocab_size=1000, hidden_size=512, num_attention_heads=32, ffn_hidden_size=256)
-    ok = fp8.fp8_shape_problems(model, ParallelArgs(tensor_model_parallel_size=8), TrainArgs())
-    bad = fp8.fp8_shape_problems(model, ParallelArgs(tensor_model_parallel_size=32), TrainArgs())
+    ok = fp8_shape_problems(model, ParallelArgs(tensor_model_parallel_size=8), TrainArgs())
+    bad = fp8_shape_problems(model, ParallelArgs(tensor_model_parallel_size=32), TrainArgs())
     assert ok == [] and any("fc2 inputs per TP rank (--ffn-hidden-size / TP) = 8" in p for p in bad)
 
 
 def test_sequence_parallel_divides_the_tokens():
     par = ParallelArgs(tensor_model_parallel_size=4, sequence_parallel=True)
     model = ModelArgs(vocab_size=1000, seq_length=32)
-    assert fp8.fp8_shape_problems(model, ParallelArgs(), TrainArgs()) == []
-    assert any("sequence parallel" in p and "= 8" in p for p in fp8.fp8_shape_problems(model, par, TrainArgs()))
-    assert fp8.fp8_shape_problems(model, par, TrainArgs(micro_batch_size=2)) == []
+    assert fp8_shape_problems(model, ParallelArgs(), TrainArgs()) == []
+    assert any("sequence parallel" in p and "= 8" in p for p in fp8_shape_problems(model, par, TrainArgs()))
+    assert fp8_shape_problems(model, par, TrainArgs(micro_batch_size=2)) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None,
                     reason="this machine can run an FP8 teacher")
 def test_missing_runtime_stops_the_run_before_any_work():
     with pytest.raises(ConfigError, match="--teacher-fp8 cannot run here") as exc:
-        fp8_run().check_runtime()
+        check_runtime(fp8_run())
     msg = str(exc.value)
     assert "Transformer Engine is not installed" in msg or "no CUDA device" in msg
     from vopd_megatron.training.train import main
@@ -119,4 +121,4 @@ def test_gpu_fp8_runtime_ready():
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no FP8 tensor cores")
     assert fp8.fp8_runtime_problems() == []
-    fp8_run().check_runtime()
+    check_runtime(fp8_run())

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from vopd_megatron.config.schema import ModelArgs, ParallelArgs, RunConfig, TrainArgs
+from vopd_megatron.config import ModelArgs, ParallelArgs, RunConfig, TrainArgs
 from vopd_megatron.loss import LossConfig, reference_loss
 from vopd_megatron.rollout.types import Rollout
 from vopd_megatron.training.batch import collate

@@ -175,7 +175,8 @@ def test_tile_override(monkeypatch):
     # VOPD_TRITON_TILES replaces the named family only; malformed values are
     # refused with the variable's name, and vopd-train's pre-flight check
     # (check_runtime) turns that into its one-line ConfigError.
-    from vopd_megatron.config.schema import ConfigError, RunConfig
+    from vopd_megatron.config import ConfigError, RunConfig
+    from vopd_megatron.model.runtime_checks import check_runtime
 
     tiles = parse_tiles("stats=2x8192x32")
     assert tiles == {"stats": (2, 8192, 32), "grad": DEFAULT_GPU_TILES["grad"]}
@@ -186,7 +187,7 @@ def test_tile_override(monkeypatch):
             parse_tiles(bad)
     monkeypatch.setenv("VOPD_TRITON_TILES", "stats=1x1000x16")
     with pytest.raises(ConfigError, match="VOPD_TRITON_TILES='stats=1x1000x16'"):
-        RunConfig().check_runtime()
+        check_runtime(RunConfig())
 
 
 # --- compiled on a GPU ----------------------------------------------------------------

@@ -14,12 +14,10 @@ What counts as a user error (`is_user_error`):
   when the path is missing or not a file), `TrainingFault`
   (training had to stop: a non-finite loss or gradient norm),
   `MissingDependency` (an optional package the input needs) and, defined
-  where they are raised, `convert.hf_config.ConversionError` (a checkpoint or
+  where they are raised: `config.schema.ConfigError` (a flag or a
+  combination of flags), `convert.hf_config.ConversionError` (a checkpoint or
   config the converter refuses) and `training.checkpoint_files.CheckpointError`
   (a checkpoint that is missing, damaged or does not match the run);
-- `config.schema.ConfigError`, an older class that means the same and is
-  mapped here rather than re-based (a branch may also derive it from
-  `UserError`; both work);
 - `OSError`s of the environment: no space left, quota, permission denied,
   read-only file system (errno ENOSPC, EDQUOT, EACCES, EPERM, EROFS).
 
@@ -44,6 +42,8 @@ import errno
 import functools
 import os
 import sys
+
+from . import launch
 
 DEBUG_ENV = "VOPD_DEBUG"
 
@@ -88,17 +88,10 @@ def debug() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """UserError and the older class mapped to it (imported when first needed)."""
-    from .config.schema import ConfigError
-
-    return UserError, ConfigError
-
-
 def is_user_error(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
         return True
-    return isinstance(exc, user_error_types())
+    return isinstance(exc, UserError)
 
 
 def one_line(exc: BaseException) -> str:
@@ -123,7 +116,7 @@ def exit_for(exc: BaseException) -> SystemExit:
     message = "error: " + one_line(exc)
     group = _rank_and_world()
     if group is None:
-        if int(os.environ.get("LOCAL_RANK", "0") or 0) != 0:
+        if launch.local_rank() != 0:
             return SystemExit(1)  # local rank 0 prints the node's line
     elif group[1] > 1:
         rank, world = group

@@ -21,18 +21,15 @@ lifts the bar, prints, and redraws it.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 from tqdm import tqdm
 
+from . import launch
+
 _BAR = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 _LINE = "{desc} {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
-
-
-def _global_rank() -> int:
-    return int(os.environ.get("RANK", 0))
 
 
 def _is_terminal(stream) -> bool:
@@ -69,7 +66,7 @@ class Progress:
         self.total, self.desc, self.unit, self.initial = int(total), desc, unit, int(initial)
         self.every, self.seconds, self.clock = every, float(seconds), clock
         self.file = sys.stderr if file is None else file
-        self.enabled = _global_rank() == 0 if enabled is None else enabled
+        self.enabled = launch.rank() == 0 if enabled is None else enabled
         self.interactive = _is_terminal(self.file) if interactive is None else interactive
         self.n, self.metrics = self.initial, {}
         self.start = self.clock()

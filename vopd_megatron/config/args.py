@@ -2,7 +2,7 @@
 
 `parse_run(argv, tool=...)` is the one way in:
 
-1. Megatron-LM's parser with the plugin's flags (`megatron_args.build_parser`);
+1. Megatron-LM's parser with the plugin's flags (`plugin_flags.build_parser`);
    a `--config` YAML becomes command-line tokens placed before the real ones.
 2. Values checked as a class (`checks`): every float finite, Megatron-LM
    ranges, every plugin field's declared range.
@@ -26,18 +26,21 @@ import copy
 import dataclasses
 import enum
 import functools
-import os
 import sys
 from dataclasses import dataclass
 
+from .. import launch
 from .checks import check_megatron_values, check_ranges
 from .flag_policy import ARCHITECTURE, MODEL_KERNELS, MODEL_SHARED, RESET, TRAINING, VALUE_RULES, classify
 from .megatron_args import (
-    build_parser, check_schedule, megatron_defaults, megatron_group, option_for, scheduler_settings,
+    check_schedule, megatron_defaults, megatron_group, option_for, scheduler_settings,
     transformer_config_from_namespace, validate,
 )
-from .plugin_flags import PLUGIN_SECTIONS, load_yaml_overrides, parse_tokens, plugin_section, yaml_tokens
-from .schema import CheckpointArgs, ConfigError, LoggingArgs, ModelArgs, ParallelArgs, RunConfig, TrainArgs
+from .plugin_flags import (
+    PLUGIN_SECTIONS, build_parser, load_yaml_overrides, parse_tokens, plugin_section, yaml_tokens,
+)
+from .run import RunConfig
+from .schema import CheckpointArgs, ConfigError, LoggingArgs, ModelArgs, ParallelArgs, TrainArgs
 from .teacher import teacher_config_path, teacher_namespace
 
 __all__ = ["ParsedRun", "parse_run", "parse_config", "build_parser", "load_yaml_overrides", "to_flat_dict"]
@@ -78,15 +81,15 @@ def _config_path(argv: list[str]) -> str | None:
 def _world_size(ns: argparse.Namespace) -> int:
     """--world-size; else torchrun's $WORLD_SIZE (for --dry-run: --num-nodes x --gpus-per-node first);
     else --num-nodes x --gpus-per-node; else 1."""
-    env = os.environ.get("WORLD_SIZE")
+    env = launch.world_size()
     if ns.world_size is not None:
-        if env is not None and int(env) != ns.world_size and not ns.dry_run:
+        if env is not None and env != ns.world_size and not ns.dry_run:
             raise ConfigError(f"--world-size {ns.world_size} differs from torchrun's WORLD_SIZE {env}")
         return ns.world_size
     cluster = ns.num_nodes * ns.gpus_per_node if ns.num_nodes else None
     if ns.dry_run:
-        return cluster or int(env or 1)
-    return int(env) if env is not None else cluster or 1
+        return cluster or env or 1
+    return env if env is not None else cluster or 1
 
 
 def review_flags(ns: argparse.Namespace, defaults: dict, who: str = "") -> list[str]:
@@ -211,7 +214,7 @@ def parse_run(argv: list[str] | None = None, *, tool: str = "train") -> ParsedRu
     world = _world_size(raw)
     ns, teacher_ns = copy.deepcopy(raw), copy.deepcopy(teacher_raw)
     try:                                                                   # 5
-        notes += validate(ns, world, tool_defaults, rank=int(os.environ.get("RANK", 0)))
+        notes += validate(ns, world, tool_defaults, rank=launch.rank())
         try:
             validate(teacher_ns, world, tool_defaults)
         except ConfigError as exc:
@@ -280,7 +283,7 @@ def _check_shapes(run: RunConfig, world: int) -> None:
 
 def emit_warnings(notes: list[str]) -> None:
     """One `warning:` line each, on global rank 0 (stderr)."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if launch.rank() == 0:
         for note in notes:
             print(f"warning: {note}", file=sys.stderr, flush=True)
 

@@ -1,22 +1,26 @@
-"""Checks of a run's configuration before any process group or weight exists.
+"""Checks of one section of a run's configuration, or of one raw flag value.
 
 They are organised by class of mistake rather than by case, so that a new
 flag is covered the day it is added:
 
 * **Ranges.** Every numeric plugin field declares its admissible range in the
-  schema (`schema.ranged`); `check_ranges` reads them. Megatron-LM's own flags
+  schema (`schema.ranged`; the loss's flags take LossConfig's own,
+  `schema.loss_field`); `check_ranges` reads them. Megatron-LM's own flags
   that Megatron accepts silently out of range, or rejects with a bare
   assertion, have theirs in `MEGATRON_RANGES`, checked on the raw command line
   (`check_megatron_values`) and on a RunConfig built in code
-  (`check_megatron_fields`). A float is always finite: NaN and inf are refused
-  for every float flag, ours and Megatron-LM's.
-* **Cross-flag rules** (`validate_run`): what two flags mean together
-  (`--vopd-top-k` with a mode that ignores it, `--finetune` without `--load`,
-  an `--eos-id` outside the vocabulary, teacher and student sharing one
-  vocabulary, batch and layout divisibility, ...).
-* **The machine** (`check_runtime`): Transformer Engine and FP8 GPUs for what
-  needs them; separate so that `--dry-run` can plan a GPU job on a laptop.
+  (`run.check_megatron_fields`). A float is always finite: NaN and inf are
+  refused for every float flag, ours and Megatron-LM's.
+* **One model** (`validate_model_args`): its shape split TP x PP (for both
+  models of a run, and for the checkpoint converter).
+* **One section's flags together** (`check_distill`): the loss's own rules
+  are LossConfig's (`DistillArgs.loss_config` words them in flags); here only
+  `--vopd-top-k` with a mode that ignores it and `--vopd-updates-per-batch`
+  without `--vopd-ppo-clip`.
 
+The rules that compare sections (teacher and student sharing one vocabulary,
+batch and layout divisibility, ...) are `RunConfig.validate`'s (`run.py`);
+what the machine lacks is asked when a run starts (`model/runtime_checks.py`).
 Every failure is a `ConfigError` whose message names the flag.
 """
 from __future__ import annotations
@@ -24,8 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import fields
 
-from ..loss.config import LOSS_MODES, TOPK_MODES
-from .schema import ConfigError, ModelArgs, RunConfig
+from ..loss.config import TOPK_MODES, describe_range, in_range
+from .schema import ConfigError, DistillArgs, ModelArgs
 
 #: Sections whose fields are the plugin's own flags (ranges declared in the schema).
 PLUGIN_SECTIONS = ("distill", "data", "eval")
@@ -63,23 +67,13 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def describe_range(lo, hi, lo_open: bool, hi_open: bool) -> str:
-    if hi is None:
-        return f"{'>' if lo_open else '>='} {lo}"
-    if lo is None:
-        return f"{'<' if hi_open else '<='} {hi}"
-    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-
 def check_value(name: str, value, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False) -> None:
     """ConfigError naming `--name` unless `value` is None or a finite number in the range."""
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{flag(name)} {value} must be a finite number")
-    below = lo is not None and (value <= lo if lo_open else value < lo)
-    above = hi is not None and (value >= hi if hi_open else value > hi)
-    if below or above:
+    if not in_range(value, lo, hi, lo_open, hi_open):
         raise ConfigError(f"{flag(name)} {value} must be {describe_range(lo, hi, lo_open, hi_open)}")
 
 
@@ -97,18 +91,6 @@ def check_megatron_values(values: dict[str, object]) -> None:
             raise ConfigError(f"{flag(name)} {value} must be a finite number")
         if name in MEGATRON_RANGES:
             check_value(name, value, *MEGATRON_RANGES[name])
-
-
-def check_megatron_fields(run: RunConfig) -> None:
-    """MEGATRON_RANGES on the Megatron-backed fields of a RunConfig (also one built in code)."""
-    for attr in MEGATRON_SECTIONS:
-        section = getattr(run, attr)
-        values = {f.name: getattr(section, f.name) for f in fields(section) if f.name != "megatron_overrides"}
-        try:
-            check_megatron_values({**values, **section.megatron_overrides}
-                                  if hasattr(section, "megatron_overrides") else values)
-        except ConfigError as exc:
-            raise ConfigError(f"teacher: {exc}" if attr == "teacher" else str(exc)) from None
 
 
 def validate_model_args(who: str, m: ModelArgs, tp: int, pp: int) -> None:
@@ -143,125 +125,12 @@ def validate_model_args(who: str, m: ModelArgs, tp: int, pp: int) -> None:
                           f"and divisible by TP {tp}")
 
 
-def validate_run(run: RunConfig, world_size: int) -> None:
-    """Every check that needs neither a GPU nor a process group (RunConfig.validate)."""
-    p, t = run.parallel, run.train
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    check_megatron_fields(run)
-    for attr in PLUGIN_SECTIONS:
-        check_ranges(getattr(run, attr))
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
-    for who, m in (("student", run.model), ("teacher", run.teacher)):
-        validate_model_args(who, m, tp, pp)
-    if run.model.vocab_size != run.teacher.vocab_size:
-        raise ConfigError(
-            f"teacher vocab size {run.teacher.vocab_size} != student vocab size "
-            f"{run.model.vocab_size}: distillation needs one shared tokenizer and vocabulary"
-        )
-    if run.model.padded_vocab_size(tp) != run.teacher.padded_vocab_size(tp):
-        raise ConfigError(f"teacher padded vocab size {run.teacher.padded_vocab_size(tp)} != the student's "
-                          f"{run.model.padded_vocab_size(tp)}: set the same --make-vocab-size-divisible-by / "
-                          "--padded-vocab-size for both")
-    if run.model.seq_length != run.teacher.seq_length:
-        raise ConfigError("teacher and student must use the same --seq-length")
-    dp = world_size // (tp * pp)
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(
-            f"--global-batch-size {t.global_batch_size} is not divisible by "
-            f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}"
-        )
-    _validate_distill(run)
-    _validate_data(run)
-    validate_eval(run)
-    if run.checkpoint.finetune and not run.checkpoint.load:
-        raise ConfigError("--finetune needs --load (the weights to start from)")
-    if p.sequence_parallel and tp > 1 and run.model.seq_length % tp:
-        raise ConfigError(f"--sequence-parallel needs --seq-length {run.model.seq_length} divisible by TP {tp}")
-    from ..model.fp8 import fp8_shape_problems
-
-    if run.distill.teacher_fp8:
-        problems = fp8_shape_problems(run.teacher, p, t)
-        if problems:
-            raise ConfigError("--teacher-fp8: the teacher's GEMMs cannot run in FP8: " + "; ".join(problems))
-    if run.model.megatron_overrides.get("fp8"):
-        problems = fp8_shape_problems(run.model, p, t)
-        if problems:
-            raise ConfigError("--fp8-format: the student's GEMMs cannot run in FP8: " + "; ".join(problems))
-
-
-def _validate_distill(run: RunConfig) -> None:
-    d = run.distill
-    if d.vopd_loss not in LOSS_MODES:
-        raise ConfigError(f"unknown --vopd-loss {d.vopd_loss!r}; expected one of {LOSS_MODES}")
-    if d.vopd_loss in TOPK_MODES and d.vopd_top_k is None:
-        raise ConfigError(f"--vopd-loss {d.vopd_loss} needs --vopd-top-k")
-    if d.vopd_loss not in TOPK_MODES and d.vopd_top_k is not None:
+def check_distill(d: DistillArgs) -> None:
+    """What the --vopd-* flags mean together: first the loss's own rules (LossConfig's
+    validation, worded in flags), then the two that are about the flags, not the loss."""
+    d.loss_config()
+    if d.vopd_loss not in TOPK_MODES and d.vopd_top_k is not None:  # LossConfig ignores it: a flag would do nothing
         raise ConfigError(f"--vopd-top-k {d.vopd_top_k} has no effect with --vopd-loss {d.vopd_loss}: "
                           f"only {' and '.join(TOPK_MODES)} use it")
-    if d.vopd_updates_per_batch > 1 and d.vopd_ppo_clip is None:
+    if d.vopd_updates_per_batch > 1 and d.vopd_ppo_clip is None:  # the updates loop is the trainer's
         raise ConfigError("--vopd-updates-per-batch > 1 needs --vopd-ppo-clip (the later updates are off-policy)")
-    try:
-        d.loss_config()
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-
-
-def _validate_data(run: RunConfig) -> None:
-    d, vocab = run.data, run.model.vocab_size
-    if d.rollout_data and d.prompt_data:
-        raise ConfigError("give either --rollout-data (external rollouts) or --prompt-data (on-policy), not both")
-    if d.eos_id is not None and vocab is not None and d.eos_id >= vocab:
-        raise ConfigError(f"--eos-id {d.eos_id} is outside the vocabulary [0, {vocab}) (--vocab-size)")
-    if d.rollout_stop is not None:
-        run.data_stop_strings()  # raises on a malformed list
-        if not d.tokenizer_model:
-            raise ConfigError("--rollout-stop needs --tokenizer-model (stop strings are matched on decoded text)")
-    if d.prompt_data and not 1 <= d.rollout_max_new_tokens < run.model.seq_length:
-        raise ConfigError(
-            f"--rollout-max-new-tokens {d.rollout_max_new_tokens} must be in [1, --seq-length "
-            f"{run.model.seq_length}): the prompt needs room in the sequence"
-        )
-
-
-def validate_eval(run: RunConfig) -> None:
-    e = run.eval
-    if e.eval_every and not e.eval_data:
-        raise ConfigError("--eval-every needs --eval-data")
-    if not e.eval_data:
-        return
-    if e.eval_pass_k is not None and not 1 <= e.eval_pass_k <= e.eval_samples:
-        raise ConfigError(f"--eval-pass-k {e.eval_pass_k} must be in [1, --eval-samples {e.eval_samples}]")
-    n = run.eval_max_new_tokens
-    if not 1 <= n < run.model.seq_length:
-        raise ConfigError(f"--eval-max-new-tokens {n} must be in [1, --seq-length {run.model.seq_length}): "
-                          "the problem needs room in the sequence")
-
-
-def check_runtime(run: RunConfig) -> None:
-    """What this machine lacks for the run (Transformer Engine, an FP8 GPU, the
-    output_processor hook), and a malformed VOPD_TRITON_TILES."""
-    from ..loss.backend import env_tiles
-    from ..model.builder import te_available
-    from ..model.fp8 import fp8_runtime_problems
-
-    try:
-        env_tiles()  # a malformed VOPD_TRITON_TILES (loss kernel tile override)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if run.distill.vopd_fused_output:
-        from ..megatron.fused_output import output_processor_supported
-
-        if not output_processor_supported():
-            raise ConfigError("--vopd-fused-output needs megatron-core >= 0.19 (GPTModel's output_processor hook)")
-
-    if run.distill.teacher_fp8 or run.model.megatron_overrides.get("fp8"):
-        problems = fp8_runtime_problems()
-        if problems:
-            which = "--teacher-fp8" if run.distill.teacher_fp8 else "--fp8-format"
-            raise ConfigError(f"{which} cannot run here: " + "; ".join(problems))
-    if not te_available():
-        for who, m in (("student", run.model), ("teacher", run.teacher)):
-            if m.megatron_overrides.get("layernorm_zero_centered_gamma"):
-                raise ConfigError(f"{who}: --apply-layernorm-1p needs Transformer Engine on a GPU (Megatron-Core's "
-                                  "local layer spec has no zero-centred norm); it can be planned with --dry-run")

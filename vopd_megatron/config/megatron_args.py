@@ -1,8 +1,9 @@
 """Megatron-LM's own argument parser and config helpers, behind typed functions.
 
 Configuration is Megatron-LM's (DESIGN.md §4): the parser is
-`megatron.training.arguments.add_megatron_arguments` with the plugin's flags
-added through its extra-arguments hook (`plugin_flags.add_vopd_arguments`),
+`megatron.training.arguments.add_megatron_arguments` (`megatron_parser`), to
+which `plugin_flags.build_parser` adds the plugin's flags through its
+extra-arguments hook (`plugin_flags.add_vopd_arguments`),
 Megatron-LM's `validate_args` derives and checks what it always does
 (ffn_hidden_size from the SwiGLU rule, kv_channels, the global batch size,
 sequence parallelism off at TP 1, ...), and Megatron-LM's helpers turn the
@@ -28,32 +29,15 @@ import ast
 import contextlib
 import copy
 import functools
-import importlib
 import inspect
 import io
-import logging
 import warnings
 
+from .megatron_lm import import_megatron_training, planning_as_on_gpu
 from .schema import ConfigError, ModelArgs, ParallelArgs, TrainArgs
 
 USAGE = ("%(prog)s [Megatron-LM flags] [--vopd-* / --teacher-* / --rollout-* / --eval-* flags] "
          "[--config FILE.yaml] [--dry-run]")
-
-
-@functools.cache
-def import_megatron_training() -> None:
-    """Import megatron.training without what its import does to logging.
-
-    megatron/training/training.py calls `logging.basicConfig(level=INFO)` with a
-    handler that writes every Megatron-Core INFO record to stdout; the root
-    logger's handlers and level are put back as they were."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    for module in ("megatron.training", "megatron.training.arguments", "megatron.training.training"):
-        importlib.import_module(module)
-
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 class FrontEndParser(argparse.ArgumentParser):
@@ -63,7 +47,8 @@ class FrontEndParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _megatron_parser() -> argparse.ArgumentParser:
+def megatron_parser() -> FrontEndParser:
+    """Every Megatron-LM flag, on a parser whose errors are ConfigErrors (a new parser each call)."""
     import_megatron_training()
     from megatron.training.arguments import add_megatron_arguments
 
@@ -80,21 +65,8 @@ def _megatron_parser() -> argparse.ArgumentParser:
 
 
 @functools.cache
-def build_parser(prog: str = "vopd-train") -> FrontEndParser:
-    """Every Megatron-LM flag, then the plugin's through Megatron's extra-arguments hook.
-    (Cached: parsing does not change a parser.)"""
-    from .plugin_flags import add_vopd_arguments
-
-    parser = _megatron_parser()
-    parser.prog = prog
-    parser.description = ("vOPD on-policy distillation on Megatron-Core. Megatron-LM's flags keep their "
-                          "defaults and meanings (docs/training.md, docs/megatron_flags.md).")
-    return add_vopd_arguments(parser)
-
-
-@functools.cache
 def _megatron_tables() -> tuple[dict, dict, dict, tuple]:
-    parser = _megatron_parser()
+    parser = megatron_parser()
     defaults = vars(parser.parse_args([]))  # argparse's own resolution (first action of a dest wins)
     groups, options, actions = {}, {}, []
     for group in parser._action_groups:  # noqa: SLF001 - the only record of argparse's groups
@@ -138,8 +110,6 @@ def option_for(dest: str, value=None) -> str:
 @contextlib.contextmanager
 def _validation_context():
     """Silence validate_args' argument dump, record its warnings, let it run without a GPU."""
-    from ..megatron.cpu_compat import planning_as_on_gpu
-
     with planning_as_on_gpu(), contextlib.redirect_stdout(io.StringIO()), \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -256,11 +226,9 @@ def megatron_namespace(m: ModelArgs, p: ParallelArgs, t: TrainArgs, world_size: 
 
 def transformer_config_from_namespace(ns: argparse.Namespace):
     """core_transformer_config_from_args(ns), also where the target's fused kernels are absent
-    (cpu_compat.planning_as_on_gpu); its errors as ConfigError."""
+    (megatron_lm.planning_as_on_gpu); its errors as ConfigError."""
     import_megatron_training()
     from megatron.training.arguments import core_transformer_config_from_args
-
-    from ..megatron.cpu_compat import planning_as_on_gpu
 
     with planning_as_on_gpu(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,5 +1,6 @@
 """The plugin's own flags, generated from its config dataclasses, and `--config` YAML.
 
+`build_parser(prog)` is Megatron-LM's parser with these flags added.
 `add_vopd_arguments(parser)` has the signature of Megatron-LM's
 extra-arguments hook (`megatron.training.arguments.parse_args(extra_args_provider=...)`,
 `megatron.training.pretrain(..., extra_args_provider=...)`): it adds one flag
@@ -35,6 +36,7 @@ from typing import NamedTuple
 
 import yaml
 
+from .megatron_args import megatron_defaults, megatron_parser
 from .schema import CheckpointArgs, ConfigError, DataArgs, DistillArgs, EvalArgs
 
 #: Plugin sections of RunConfig (attribute, class): every field is a flag of ours.
@@ -88,8 +90,6 @@ def _spec(cls, f: dataclasses.Field) -> Spec:
 @functools.cache
 def plugin_specs() -> dict[str, Spec]:
     """dest -> Spec of every plugin flag (entry-point flags included)."""
-    from .megatron_args import megatron_defaults
-
     megatron = megatron_defaults()
     specs = {}
     for _, cls in PLUGIN_SECTIONS:
@@ -152,6 +152,17 @@ def add_vopd_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     for _, _, name in PLUGIN_FIELDS_ELSEWHERE:
         _add_option(group, name, specs[name])
     return parser
+
+
+@functools.cache
+def build_parser(prog: str = "vopd-train") -> argparse.ArgumentParser:
+    """Every Megatron-LM flag, then the plugin's through Megatron's extra-arguments hook.
+    (Cached: parsing does not change a parser.)"""
+    parser = megatron_parser()
+    parser.prog = prog
+    parser.description = ("vOPD on-policy distillation on Megatron-Core. Megatron-LM's flags keep their "
+                          "defaults and meanings (docs/training.md, docs/megatron_flags.md).")
+    return add_vopd_arguments(parser)
 
 
 # ---------------------------------------------------------------- YAML

@@ -1,4 +1,4 @@
-"""Typed run configuration: Megatron-LM's names for what Megatron has, `vopd_*` for the rest.
+"""Typed sections of a run's configuration: Megatron-LM's names for what Megatron has, `vopd_*` for the rest.
 
 Every field is named after the Megatron-LM flag it mirrors (`--num-layers` ->
 `num_layers`), so a user's existing flags and YAML carry over unchanged; the
@@ -11,19 +11,26 @@ carry the Megatron-LM flags a user set that no field mirrors, so that
 Megatron's own helpers rebuild the exact TransformerConfig, optimizer and DDP
 configs from a RunConfig (`config/megatron_args.py`).
 
-`RunConfig.validate(world_size)` checks everything that can be checked before
-any process group or weight exists, and raises `ConfigError` naming the flag.
+A `RunConfig` (config/run.py) holds one of each section (two ModelArgs: the
+student and the teacher); `RunConfig.validate(world_size)` checks everything
+that can be checked before any process group or weight exists, and raises
+`ConfigError` naming the flag.
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
-from ..loss.config import LossConfig
+from ..errors import UserError
+from ..loss.config import RANGES as LOSS_RANGES
+from ..loss.config import LossConfig, LossConfigError
 
 
-class ConfigError(ValueError):
-    """A configuration problem found before any work starts."""
+class ConfigError(UserError, ValueError):
+    """A configuration problem found before any work starts: a user error, reported
+    as one `error: ...` line naming the flag (errors.entry_point); also a ValueError
+    for callers that catch that."""
 
 
 def ranged(default, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False):
@@ -35,6 +42,12 @@ def ranged(default, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = 
     holds it), so a new field cannot skip range checking.
     """
     return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
+
+
+def loss_field(default, name: str):
+    """A `--vopd-*` field that sets LossConfig's `name`: its range is the loss's own
+    (`loss.config.RANGES`), so the flag and LossConfig refuse the same values."""
+    return field(default=default, metadata={"range": LOSS_RANGES[name]})
 
 
 def flag_field(default, *aliases: str, **metadata):
@@ -229,16 +242,16 @@ class DistillArgs:
 
     vopd_loss: str = "vopd"
     """Loss mode: opd, vopd, vopd_topk, vopd_opt, full_kl or topk_kl (docs/loss.md)."""
-    vopd_top_k: int | None = ranged(None, 1)
+    vopd_top_k: int | None = loss_field(None, "top_k")
     """k of the top-k modes (vopd_topk, topk_kl); an error with any other mode."""
-    vopd_temperature: float = ranged(1.0, 0, lo_open=True)
+    vopd_temperature: float = loss_field(1.0, "temperature")
     """Sampling and loss temperature tau (> 0, finite)."""
     vopd_rollout_correction: str | None = None
     """Correction for a sampling engine whose log-probs differ from the trainer's:
     "truncate" (truncated importance weight) or "mask"."""
-    vopd_rollout_correction_cap: float = ranged(2.0, 0, lo_open=True)
+    vopd_rollout_correction_cap: float = loss_field(2.0, "rollout_correction_cap")
     """Cap C of the rollout correction's importance weight."""
-    vopd_ppo_clip: float | None = ranged(None, 0, 1, lo_open=True, hi_open=True)
+    vopd_ppo_clip: float | None = loss_field(None, "ppo_clip")
     """PPO ratio clipping epsilon in (0, 1) (needed by --vopd-updates-per-batch > 1)."""
     vopd_loss_backend: str = "auto"
     """Loss kernels: "auto" (fused Triton kernels on CUDA when triton imports, else
@@ -263,12 +276,24 @@ class DistillArgs:
     PPO ratio's denominator)."""
 
     def loss_config(self) -> LossConfig:
-        return LossConfig(
+        """The LossConfig these flags describe; ConfigError in the flags' words if it cannot work.
+
+        Built once per set of values: RunConfig.validate builds it, and the trainer
+        gets the same (immutable) object."""
+        return _loss_config(
             mode=self.vopd_loss, top_k=self.vopd_top_k, temperature=self.vopd_temperature,
             rollout_correction=self.vopd_rollout_correction,
             rollout_correction_cap=self.vopd_rollout_correction_cap, ppo_clip=self.vopd_ppo_clip,
             backend=self.vopd_loss_backend,
         )
+
+
+@functools.lru_cache(maxsize=32)
+def _loss_config(**values) -> LossConfig:
+    try:
+        return LossConfig(**values)
+    except LossConfigError as exc:
+        raise ConfigError(exc.flags) from exc
 
 
 @dataclass
@@ -333,79 +358,3 @@ class EvalArgs:
     """Completion tokens at most in evaluation; defaults to --rollout-max-new-tokens."""
     eval_output: str | None = None
     """vopd-eval: directory for summary.json and per-problem records (problems.jsonl)."""
-
-
-@dataclass
-class RunConfig:
-    model: ModelArgs = field(default_factory=ModelArgs)
-    teacher: ModelArgs = field(default_factory=ModelArgs)
-    parallel: ParallelArgs = field(default_factory=ParallelArgs)
-    train: TrainArgs = field(default_factory=TrainArgs)
-    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
-    logging: LoggingArgs = field(default_factory=LoggingArgs)
-    distill: DistillArgs = field(default_factory=DistillArgs)
-    data: DataArgs = field(default_factory=DataArgs)
-    eval: EvalArgs = field(default_factory=EvalArgs)
-
-    def data_parallel_size(self, world_size: int) -> int:
-        mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
-        return world_size // mp
-
-    def num_microbatches(self, world_size: int) -> int:
-        per_step = self.train.micro_batch_size * self.data_parallel_size(world_size)
-        return self.train.global_batch_size // per_step
-
-    def validate(self, world_size: int) -> "RunConfig":
-        """Raise ConfigError for anything wrong that needs no GPU to see (checks.validate_run)."""
-        from .checks import validate_run
-
-        validate_run(self, world_size)
-        return self
-
-    def check_runtime(self) -> "RunConfig":
-        """Raise ConfigError for what this machine lacks (Transformer Engine, an
-        FP8 GPU); run before any process group or weight exists. Separate from
-        validate() so that --dry-run can plan a GPU job on a machine without one."""
-        from .checks import check_runtime
-
-        check_runtime(self)
-        return self
-
-    def data_stop_strings(self) -> tuple[str, ...]:
-        """--rollout-stop as a tuple of strings: one string, or a JSON list of strings."""
-        raw = self.data.rollout_stop
-        if raw is None or raw == "":
-            return ()
-        if raw.lstrip().startswith("["):
-            import json
-
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"--rollout-stop {raw!r} starts with '[' but is not a JSON list ({exc})") from None
-            if not (isinstance(value, list) and value and all(isinstance(x, str) and x for x in value)):
-                raise ConfigError(f"--rollout-stop {raw!r}: expected a JSON list of non-empty strings")
-            return tuple(value)
-        return (raw,)
-
-    @property
-    def eval_max_new_tokens(self) -> int:
-        e = self.eval
-        return e.eval_max_new_tokens if e.eval_max_new_tokens is not None else self.data.rollout_max_new_tokens
-
-    @property
-    def eval_temperature(self) -> float:
-        e = self.eval
-        return e.eval_temperature if e.eval_temperature is not None else self.distill.vopd_temperature
-
-
-def validate_model_args(who: str, m: ModelArgs, tp: int, pp: int) -> None:
-    """ConfigError if one model's shape cannot be split TP x PP (checks.validate_model_args)."""
-    from .checks import validate_model_args as check
-
-    check(who, m, tp, pp)
-
-
-def section_fields(section) -> list[str]:
-    """Field names of a config section dataclass (for flag generation)."""
-    return [f.name for f in fields(section)]

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import warnings
 
-from ..config.schema import ConfigError, ModelArgs, validate_model_args
+from ..config.checks import validate_model_args
+from ..config.schema import ConfigError, ModelArgs
 from ..errors import UserError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")

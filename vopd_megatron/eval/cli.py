@@ -27,6 +27,7 @@ from ..config.args import parse_run, to_flat_dict
 from ..config.schema import ConfigError
 from ..data.checks import require_writable_dir
 from ..errors import entry_point, reading_inputs
+from ..model.runtime_checks import check_runtime
 from ..progress import Progress
 
 
@@ -65,7 +66,7 @@ def main(argv=None):
             raise ConfigError("vopd-eval needs --eval-data FILE.jsonl (records with a problem and an answer)")
         if e.eval_output:  # the results must have somewhere to go after the whole evaluation
             require_writable_dir(e.eval_output, "--eval-output")
-        run.validate(parsed.namespace.world_size).check_runtime()
+        check_runtime(run.validate(parsed.namespace.world_size))
         tokenizer = run_tokenizer(run)
         problems = load_run_problems(run, tokenizer, log=rank0_print)
         preflight_weights(run)  # --load, --teacher-load: before any process group

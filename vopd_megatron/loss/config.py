@@ -2,6 +2,12 @@
 
 One frozen dataclass carries every knob of DESIGN §2, validated on
 construction so that a bad value fails before any tensor is touched.
+
+Each rule about these fields lives here once. vopd-train's `--vopd-*` flags
+set them (config/schema.py, `DistillArgs.loss_config`), so a rule's error also
+carries its wording in those flags' names (`LossConfigError.flags`), and the
+numeric ranges are declared once (`RANGES`) for LossConfig and the flags that
+mirror its fields alike.
 """
 from __future__ import annotations
 
@@ -19,6 +25,40 @@ TOPK_MODES = ("vopd_topk", "topk_kl")
 ROLLOUT_CORRECTIONS = (None, "truncate", "mask")
 #: Implementations of the passes over the logit shards (backend.py).
 BACKENDS = ("auto", "torch", "triton")
+#: Admissible range of each numeric field: (lo, hi, lo_open, hi_open), None an unbounded side.
+#: LossConfig checks them; the --vopd-* flags that mirror these fields declare the same ones.
+RANGES = {
+    "top_k": (1, None, False, False),
+    "temperature": (0, None, True, False),
+    "rollout_correction_cap": (0, None, True, False),
+    "ppo_clip": (0, 1, True, True),
+    "opt_baseline_eps": (0, None, False, False),
+}
+
+
+def in_range(value, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False) -> bool:
+    """Whether `value` lies in the range (NaN never does)."""
+    above_lo = lo is None or (value > lo if lo_open else value >= lo)
+    below_hi = hi is None or (value < hi if hi_open else value <= hi)
+    return bool(above_lo and below_hi)
+
+
+def describe_range(lo=None, hi=None, lo_open: bool = False, hi_open: bool = False) -> str:
+    """`> 0`, `>= 1`, `in (0, 1)`, ... for messages."""
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    if lo is None:
+        return f"{'<' if hi_open else '<='} {hi}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+class LossConfigError(ValueError):
+    """A LossConfig that cannot work. `flags` is the same message in the words of the
+    `--vopd-*` flags that set these fields, for the vopd-train front end."""
+
+    def __init__(self, message: str, flags: str | None = None):
+        super().__init__(message)
+        self.flags = flags or message
 
 
 @dataclass(frozen=True)
@@ -64,30 +104,35 @@ class LossConfig:
     PyTorch path otherwise), "torch" or "triton". Same results either way."""
 
     def __post_init__(self):
+        """Raise LossConfigError for a value or combination that cannot work.
+
+        A `top_k` with a mode that does not use it is accepted (one k serves a
+        sweep over modes); vopd-train refuses that as a flag with no effect."""
         if self.mode not in LOSS_MODES:
-            raise ValueError(f"unknown loss mode {self.mode!r}; expected one of {LOSS_MODES}")
-        if self.mode in TOPK_MODES:
-            if self.top_k is None:
-                raise ValueError(f"loss mode {self.mode!r} needs top_k (--vopd-top-k)")
-        if self.top_k is not None and (int(self.top_k) != self.top_k or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+            raise LossConfigError(f"unknown loss mode {self.mode!r}; expected one of {LOSS_MODES}",
+                                  f"unknown --vopd-loss {self.mode!r}; expected one of {LOSS_MODES}")
+        if self.mode in TOPK_MODES and self.top_k is None:
+            raise LossConfigError(f"loss mode {self.mode!r} needs top_k (--vopd-top-k)",
+                                  f"--vopd-loss {self.mode} needs --vopd-top-k")
+        if self.top_k is not None and (int(self.top_k) != self.top_k or not in_range(self.top_k, *RANGES["top_k"])):
+            raise LossConfigError(f"top_k must be a positive integer, got {self.top_k!r}")
+        self._check_range("temperature")
         if self.backend not in BACKENDS:
-            raise ValueError(f"unknown loss backend {self.backend!r}; expected one of {BACKENDS}")
+            raise LossConfigError(f"unknown loss backend {self.backend!r}; expected one of {BACKENDS}")
         if self.rollout_correction not in ROLLOUT_CORRECTIONS:
-            raise ValueError(
+            raise LossConfigError(
                 f"unknown rollout_correction {self.rollout_correction!r}; "
                 f"expected one of {ROLLOUT_CORRECTIONS}"
             )
-        if not self.rollout_correction_cap > 0:
-            raise ValueError(f"rollout_correction_cap must be > 0, got {self.rollout_correction_cap!r}")
-        if self.opt_baseline_eps is not None and not self.opt_baseline_eps >= 0:
-            raise ValueError(f"opt_baseline_eps must be >= 0, got {self.opt_baseline_eps!r}")
-        if self.ppo_clip is not None and not 0 < self.ppo_clip < 1:
-            raise ValueError(f"ppo_clip must be in (0, 1), got {self.ppo_clip!r}")
+        for name in ("rollout_correction_cap", "opt_baseline_eps", "ppo_clip"):
+            self._check_range(name)
         if self.ppo_clip is not None and self.mode not in SAMPLED_MODES:
-            raise ValueError(f"ppo_clip applies to sampled modes {SAMPLED_MODES}, not {self.mode!r}")
+            raise LossConfigError(f"ppo_clip applies to sampled modes {SAMPLED_MODES}, not {self.mode!r}")
+
+    def _check_range(self, name: str) -> None:
+        value = getattr(self, name)
+        if value is not None and not in_range(value, *RANGES[name]):
+            raise LossConfigError(f"{name} must be {describe_range(*RANGES[name])}, got {value!r}")
 
     def baseline_eps(self, dtype) -> float:
         """The `vopd_opt` fallback threshold for statistics of this dtype."""

@@ -6,7 +6,9 @@ generator, writes `device="cuda"`, and checks `param.type()` against
 `'torch.cuda.FloatTensor'`. Without a GPU each of these raises. `enable()`
 points them at the CPU, so the same code runs with the same numerics; with a
 GPU it changes nothing. Spawned test ranks (`vopd_megatron.testing.GlooPool`)
-call it before `init_process_group("gloo")`.
+call it before `init_process_group("gloo")`. Nothing happens on import: the
+switch is always an explicit call. This module is the switch and the list of
+places redirected; the stand-ins themselves are in `cpu_standins.py`.
 
 The redirections, narrowest first:
 
@@ -51,19 +53,9 @@ The redirections, narrowest first:
    its checkpointing and the rerun state machine go to the CPU, as in 1. and 2.;
    `get_model`'s `model.cuda()` runs as in 3.
 
-Separately, only while a configuration is checked and built (never while a
-model runs), `planning_as_on_gpu()` answers two questions about the machine as
-the GPU target would, so that `--dry-run` plans a GPU job on a laptop and the
-front end builds Megatron-LM's exact TransformerConfig there (used by
-config/megatron_args.py and config/args.py; with a GPU it changes nothing):
-
-* `validate_args` asks the GPU's architecture (`get_device_arch_version`)
-  whenever TP or CP > 1, to demand CUDA_DEVICE_MAX_CONNECTIONS=1 before
-  Blackwell; without a GPU that query raises, so it answers 10.
-* TransformerConfig refuses `apply_rope_fusion` (Megatron-LM's default) when
-  Transformer Engine's fused RoPE kernel is not importable; a stub that
-  raises if ever called stands in for it. The config a model is built with
-  on such a machine turns the fusion off instead (model/builder.py).
+What the front end needs to *plan* a GPU run on a machine without one is not
+here: `config.megatron_lm.planning_as_on_gpu()`, only while a configuration is
+checked and built.
 
 Not covered (they fail loudly, as before): Transformer Engine and apex, fused
 kernels (`apply_rope_fusion`, `gradient_accumulation_fusion`), the dynamic
@@ -72,17 +64,17 @@ dist-checkpointing's fully-parallel load exchange).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import logging
 import sys
-import time
 import types
 
 import torch
 
-__all__ = ["enable", "enable_training_loop", "is_active", "planning_as_on_gpu"]
+from . import cpu_standins as standins
+
+__all__ = ["enable", "enable_training_loop", "is_active"]
 
 _active = False
 _training_loop_active = False
@@ -91,34 +83,6 @@ _training_loop_active = False
 def is_active() -> bool:
     """True once `enable()` has installed the CPU redirections in this process."""
     return _active
-
-
-def _fused_rope_stub(*args, **kwargs):
-    raise RuntimeError("Transformer Engine's fused RoPE kernel is not available on this machine")
-
-
-@contextlib.contextmanager
-def planning_as_on_gpu():
-    """While open, machine checks of Megatron-LM's argument and config validation see a GPU target."""
-    import megatron.core.models.common.embeddings.rope_utils as rope_utils
-
-    from ..config.megatron_args import import_megatron_training
-
-    import_megatron_training()
-    import megatron.training.arguments as arguments
-
-    if torch.cuda.is_available() and rope_utils.fused_apply_rotary_pos_emb is not None:
-        yield
-        return
-    saved = arguments.get_device_arch_version, rope_utils.fused_apply_rotary_pos_emb
-    if not torch.cuda.is_available():
-        arguments.get_device_arch_version = lambda: 10
-    if rope_utils.fused_apply_rotary_pos_emb is None:
-        rope_utils.fused_apply_rotary_pos_emb = _fused_rope_stub
-    try:
-        yield
-    finally:
-        arguments.get_device_arch_version, rope_utils.fused_apply_rotary_pos_emb = saved
 
 
 def enable() -> bool:
@@ -136,31 +100,16 @@ def enable() -> bool:
     for name in _CUDA_LITERAL_MODULES:
         module = _import(name)
         if module is not None:
-            module.torch = _TORCH_CUDA_LITERALS_ON_CPU
+            module.torch = standins.TORCH_CUDA_LITERALS_ON_CPU
     for module_name, qualname in _RUN_AS_IF_CUDA:
-        _wrap(module_name, qualname, _run_as_if_cuda)
-    for name, standin in _CUDA_STANDINS.items():
+        _wrap(module_name, qualname, standins.run_as_if_cuda)
+    for name, standin in standins.CUDA_STANDINS.items():
         setattr(torch.cuda, name, standin)
     comm = _import("megatron.core.inference.communication_utils")
     if comm is not None and hasattr(comm, "_is_cuda"):
-        _replace(comm, "_is_cuda", _is_tensor)  # 5. inference p2p / broadcast checks
+        _replace(comm, "_is_cuda", standins.is_tensor)  # 5. inference p2p / broadcast checks
     _active = True
     return True
-
-
-class _Redirect(types.ModuleType):
-    """A module `target` with some attributes replaced; all others are `target`'s."""
-
-    def __init__(self, target: types.ModuleType, **overrides):
-        super().__init__(target.__name__, target.__doc__)
-        self.__dict__.update(overrides)
-        self._target = target
-
-    def __getattr__(self, name):  # called only for names not overridden
-        return getattr(self._target, name)
-
-    def __repr__(self):
-        return f"<{self.__name__}, redirected to CPU by vopd_megatron cpu_compat>"
 
 
 def _import(name: str) -> types.ModuleType | None:
@@ -174,29 +123,11 @@ def _import(name: str) -> types.ModuleType | None:
 # --- 1. CUDA RNG -> CPU RNG, in megatron.core.tensor_parallel.random -------------
 
 
-def _get_cpu_rng_state(device=None, clone=False, graph_safe=False) -> torch.Tensor:
-    """Stands in for `random._get_cuda_rng_state`; the returned state is a copy."""
-    return torch.get_rng_state()
-
-
-def _set_cpu_rng_state(new_state: torch.Tensor, device=-1, graph_safe=False) -> None:
-    """Stands in for `random._set_cuda_rng_state`."""
-    torch.set_rng_state(new_state)
-
-
-_CPU_RNG_CUDA = _Redirect(
-    torch.cuda,
-    manual_seed=torch.manual_seed,
-    get_rng_state=lambda device="cuda": torch.get_rng_state(),
-    set_rng_state=lambda new_state, device="cuda": torch.set_rng_state(new_state),
-)
-
-
 def _redirect_rng():
     random = importlib.import_module("megatron.core.tensor_parallel.random")
-    random.torch = _Redirect(torch, cuda=_CPU_RNG_CUDA)
-    _replace(random, "_get_cuda_rng_state", _get_cpu_rng_state)
-    _replace(random, "_set_cuda_rng_state", _set_cpu_rng_state)
+    random.torch = standins.Redirect(torch, cuda=standins.CPU_RNG_CUDA)
+    _replace(random, "_get_cuda_rng_state", standins.get_cpu_rng_state)
+    _replace(random, "_set_cuda_rng_state", standins.set_cpu_rng_state)
     # `fork()` warns when the CPU generator moved inside it; here the forked
     # generator *is* the CPU one, so every random draw in a fork would warn.
     logging.getLogger(random.__name__).addFilter(
@@ -220,27 +151,6 @@ _CUDA_LITERAL_MODULES = (
 )
 
 
-def _on_cpu(factory):
-    """`factory` with a CUDA `device=` argument (a string, torch.device or index) mapped to CPU."""
-
-    @functools.wraps(factory)
-    def wrapper(*args, device=None, **kwargs):
-        if isinstance(device, int) or (device is not None and torch.device(device).type == "cuda"):
-            device = "cpu"
-        return factory(*args, device=device, **kwargs)
-
-    return wrapper
-
-
-_FACTORIES = (
-    "empty", "zeros", "ones", "full", "tensor", "arange",
-    "empty_like", "zeros_like", "ones_like", "full_like",
-)
-_TORCH_CUDA_LITERALS_ON_CPU = _Redirect(
-    torch, **{name: _on_cpu(getattr(torch, name)) for name in _FACTORIES}
-)
-
-
 # --- 3. Tensor.cuda() / Tensor.type() while the listed functions run ---------------
 
 _RUN_AS_IF_CUDA = (
@@ -253,103 +163,6 @@ _RUN_AS_IF_CUDA = (
     ("megatron.core.inference.text_generation_controllers.text_generation_controller",
      "TextGenerationController.generate_all_output_tokens_static_batch"),
 )
-
-
-def _cuda_noop(self, device=None, non_blocking=False, memory_format=None):
-    return self
-
-
-@contextlib.contextmanager
-def _tensors_as_if_cuda():
-    """CPU tensors' `.cuda()` returns them unchanged and `.type()` reports `torch.cuda.*`."""
-    original_cuda, original_type = torch.Tensor.cuda, torch.Tensor.type
-
-    def cuda_type(self, *args, **kwargs):
-        name = original_type(self, *args, **kwargs)
-        if args or kwargs or self.device.type != "cpu":
-            return name
-        return name.replace("torch.", "torch.cuda.", 1)  # 'torch.FloatTensor' -> 'torch.cuda.FloatTensor'
-
-    torch.Tensor.cuda, torch.Tensor.type = _cuda_noop, cuda_type
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda, torch.Tensor.type = original_cuda, original_type
-
-
-def _run_as_if_cuda(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with _tensors_as_if_cuda():
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-# --- 4. torch.cuda stand-ins, process-wide ------------------------------------------
-
-
-class _CpuStream(torch.cpu.Stream):
-    """`torch.cuda.Stream` on CPU: takes CUDA's arguments; CPU work is in order, so waits are no-ops."""
-
-    def __init__(self, device=None, priority=0, **kwargs):
-        super().__init__()
-
-    @staticmethod
-    def priority_range():
-        return 0, 0
-
-
-class _CpuEvent(torch.cpu.Event):
-    """`torch.cuda.Event` on CPU: work is synchronous, so a wall-clock stamp at `record()` times it."""
-
-    def __init__(self, enable_timing=False, blocking=False, interprocess=False, **kwargs):
-        self._recorded_at = None
-
-    def record(self, stream=None):
-        self._recorded_at = time.perf_counter()
-
-    def elapsed_time(self, end_event: _CpuEvent) -> float:
-        """Milliseconds from this event's `record()` to `end_event`'s, as CUDA reports them."""
-        return (end_event._recorded_at - self._recorded_at) * 1e3
-
-
-# Distinct functions, not the `torch.cpu` ones themselves: torch.compile keys its
-# handlers by function identity and rejects `torch.cuda.X is torch.cpu.X`.
-def _current_device() -> str:
-    return torch.cpu.current_device()  # "cpu", a valid `device=` argument
-
-
-def _synchronize(device=None) -> None:
-    torch.cpu.synchronize()
-
-
-def _current_stream(device=None) -> torch.cpu.Stream:
-    return torch.cpu.current_stream()
-
-
-def _stream(stream):
-    return torch.cpu.stream(stream)
-
-
-_CUDA_STANDINS = {
-    "current_device": _current_device,
-    "synchronize": _synchronize,
-    "current_stream": _current_stream,
-    "default_stream": _current_stream,
-    "stream": _stream,
-    "Stream": _CpuStream,
-    "Event": _CpuEvent,
-}
-
-
-# --- 5. inference communication checks ----------------------------------------------
-
-
-def _is_tensor(tensor) -> None:
-    """Stands in for `inference.communication_utils._is_cuda`, which asserts `tensor.is_cuda`
-    before the pipeline-parallel send/recv/broadcast of static inference (PP > 1 sampling)."""
-    assert tensor is not None
 
 
 # --- patching helpers ---------------------------------------------------------------
@@ -395,47 +208,22 @@ def enable_training_loop() -> bool:
     if _training_loop_active:
         return True
     utils = _import("megatron.training.utils.common_utils")
-    _replace(utils, "get_device_arch_version", _no_device_arch)
+    _replace(utils, "get_device_arch_version", standins.no_device_arch)
     training = _import("megatron.training.training")
     training.initialize_megatron = functools.partial(training.initialize_megatron, allow_no_cuda=True)
     for name in ("_initialize_distributed", "_set_random_seed"):
-        _wrap("megatron.training.initialize", name, _as_if_one_device)
-    _import("megatron.training.initialize")._warmup_jit_function = _no_jit_warmup
+        _wrap("megatron.training.initialize", name, standins.as_if_one_device)
+    _import("megatron.training.initialize")._warmup_jit_function = standins.no_jit_warmup
     for name in _TRAINING_CUDA_LITERAL_MODULES:
-        _import(name).torch = _TORCH_CUDA_LITERALS_ON_CPU
+        _import(name).torch = standins.TORCH_CUDA_LITERALS_ON_CPU
     for name in _TRAINING_CUDA_RNG_MODULES:  # their CUDA RNG state is the CPU generator's, as in 1.
-        _import(name).torch = _Redirect(_TORCH_CUDA_LITERALS_ON_CPU, cuda=_CPU_RNG_CUDA)
-    _wrap("megatron.training.training", "get_model", _run_as_if_cuda)  # model_module.cuda(...)
+        _import(name).torch = standins.Redirect(standins.TORCH_CUDA_LITERALS_ON_CPU, cuda=standins.CPU_RNG_CUDA)
+    _wrap("megatron.training.training", "get_model", standins.run_as_if_cuda)  # model_module.cuda(...)
     _training_loop_active = True
     return True
-
-
-def _as_if_one_device(fn):
-    """Run `fn` as if one CUDA device existed (`set_device` does nothing): Megatron-LM's
-    `_initialize_distributed` then builds the model-parallel groups and `_set_random_seed`
-    seeds the tensor-parallel RNG tracker (redirected to the CPU generator by 1.)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        module = sys.modules[fn.__module__]
-        module.torch = _Redirect(torch, cuda=_Redirect(torch.cuda, device_count=lambda: 1,
-                                                       set_device=lambda device: None))
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            module.torch = torch
-
-    return wrapper
 
 
 _TRAINING_CUDA_LITERAL_MODULES = ("megatron.training.training",)
 _TRAINING_CUDA_RNG_MODULES = ("megatron.core.rerun_state_machine", "megatron.training.checkpointing")
 
 
-def _no_jit_warmup(*args, **kwargs) -> None:
-    """Stands in for `initialize._warmup_jit_function`, which runs the fused CUDA kernels once."""
-
-
-def _no_device_arch() -> int:
-    """Stands in for `get_device_arch_version` (the GPU's major compute capability): 0, no device."""
-    return 0

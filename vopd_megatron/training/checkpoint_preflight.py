@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 
+from .. import launch
 from .checkpoint_files import CheckpointError, Found, find_latest, holds_checkpoints
 
 GB = 2**30
@@ -95,7 +96,7 @@ def checkpoint_bytes(num_params: int, bf16: bool, with_optimizer: bool) -> int:
 
 def model_params(m) -> int:
     """Parameters of a GPT model of shape `m` (ModelArgs), counted at TP 1, PP 1."""
-    from ..model.dry_run import stage_param_count
+    from ..model.param_count import stage_param_count
 
     return stage_param_count(m, 1, 1, 0)
 
@@ -172,7 +173,7 @@ def check_resume(found: Found, run, flag: str = "--load") -> None:
 def _checking_rank() -> bool:
     """Global rank 0 checks (from the launcher's environment: no process group yet). The other
     ranks skip the reads: on a failure rank 0 exits and the launcher stops them."""
-    return int(os.environ.get("RANK", 0)) == 0
+    return launch.rank() == 0
 
 
 def preflight_train(run) -> Found | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import megatron_args
-from ..config.schema import RunConfig
+from ..config import RunConfig
 from ..model.builder import build_gpt_stage, transformer_config
 from ..model.distill import DistillationStage
 from ..runtime.context import ParallelContext

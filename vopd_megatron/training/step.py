@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..config.schema import RunConfig
+from ..config import RunConfig
 from ..loss import LossConfig
 from ..loss.terms import metric_totals, summarize_totals
 from ..megatron.fused_output import OutputLayerInput

@@ -21,6 +21,7 @@ from ..config.args import parse_run, to_flat_dict
 from ..config.schema import ConfigError
 from ..errors import entry_point, reading_inputs
 from ..launch import rank0_print
+from ..model.runtime_checks import check_runtime
 from ..progress import Progress
 from .checkpoint_preflight import preflight_train
 from .faults import at_iteration, check_step
@@ -54,7 +55,7 @@ def main(argv=None):
         if not (run.data.rollout_data or run.data.prompt_data):
             raise ConfigError("give --prompt-data (on-policy: the student samples) "
                               "or --rollout-data (rollouts from an external sampler)")
-        run.validate(ns.world_size).check_runtime()
+        check_runtime(run.validate(ns.world_size))
         inputs = load_inputs(run)
         problems = None
         if run.eval.eval_every:
