@@ -29,7 +29,7 @@ from .inputs import load_inputs
 from .plan import print_dry_run
 
 
-def should_exit(run, iteration: int, started: float, device) -> str | None:
+def should_exit(run, iteration: int, started: float, device=None) -> str | None:
     """Megatron-LM's --exit-interval / --exit-duration-in-mins: why to save and stop now, or None.
     The duration is agreed on by every rank (the slowest clock decides), as Megatron-LM does."""
     t = run.train
