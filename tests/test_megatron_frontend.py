@@ -36,7 +36,7 @@ MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4
 
 
 def _fresh_parsers():
-    plugin_flags.build_parser.cache_clear()
+    plugin_flags._build_parser.cache_clear()
     plugin_flags.plugin_specs.cache_clear()
 
 

@@ -31,6 +31,7 @@ import copy
 import functools
 import inspect
 import io
+import os
 import warnings
 
 from .megatron_lm import import_megatron_training, planning_as_on_gpu
@@ -64,8 +65,16 @@ def megatron_parser() -> FrontEndParser:
     return parser
 
 
-@functools.cache
 def _megatron_tables() -> tuple[dict, dict, dict, tuple]:
+    """Megatron-LM's defaults, option groups and actions. One of its defaults is read from the
+    environment (`--inprocess-active-world-size`: $WORLD_SIZE), so the tables are kept per value of
+    it: a process that parses under another launcher environment (tests do) compares a flag with
+    the default its own parser gives it, not with a stale one."""
+    return _megatron_tables_for(os.environ.get("WORLD_SIZE"))
+
+
+@functools.cache
+def _megatron_tables_for(_world_size: str | None) -> tuple[dict, dict, dict, tuple]:
     parser = megatron_parser()
     defaults = vars(parser.parse_args([]))  # argparse's own resolution (first action of a dest wins)
     groups, options, actions = {}, {}, []

@@ -28,6 +28,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import os
 import textwrap
 import types
 import typing
@@ -154,10 +155,15 @@ def add_vopd_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-@functools.cache
 def build_parser(prog: str = "vopd-train") -> argparse.ArgumentParser:
     """Every Megatron-LM flag, then the plugin's through Megatron's extra-arguments hook.
-    (Cached: parsing does not change a parser.)"""
+    (Cached: parsing does not change a parser. Kept per value of $WORLD_SIZE, which one of
+    Megatron-LM's defaults reads, as megatron_args keeps its table of defaults.)"""
+    return _build_parser(prog, os.environ.get("WORLD_SIZE"))
+
+
+@functools.cache
+def _build_parser(prog: str, _world_size: str | None) -> argparse.ArgumentParser:
     parser = megatron_parser()
     parser.prog = prog
     parser.description = ("vOPD on-policy distillation on Megatron-Core. Megatron-LM's flags keep their "
