@@ -11,6 +11,7 @@ no float id is truncated, no `null` answer is graded as the string "None".
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -24,6 +25,17 @@ def kind(value) -> str:
         return "null"
     return {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
             dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def json_object(where: str, line: str) -> dict:
+    """One JSONL line as a JSON object; DataError naming `where` (file:line) otherwise."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {kind(rec)}")
+    return rec
 
 
 def require_file(path, what: str) -> Path:

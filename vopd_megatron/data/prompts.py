@@ -17,7 +17,6 @@ skipped, and of which form they were.
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -100,13 +99,7 @@ def _jsonl_records(path: Path):
                 if not line.strip():
                     continue
                 where = f"{path}:{i + 1}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: not valid JSON ({exc})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {checks.kind(rec)}")
-                yield where, rec
+                yield where, checks.json_object(where, line)
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}:{i + 2}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
                             "is this a JSONL file?") from None

@@ -1,7 +1,6 @@
 """Rollouts from a file written by an external inference server (`JsonlRolloutSource`)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..data import checks
@@ -39,12 +38,7 @@ class JsonlRolloutSource:
 
     def _parse(self, i, line, vocab_size):
         where = f"{self.path}:{i + 1}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected a JSON object, got {checks.kind(rec)}")
+        rec = checks.json_object(where, line)
         for key in ("prompt_ids", "completion_ids"):
             if key not in rec:
                 raise DataError(f"{where}: missing field {key!r}; the record has {sorted(rec)}")
