@@ -59,7 +59,10 @@ one GEMM each and runs vocab_parallel_opd_loss (the teacher's logits are
 dropped after the forward, the student's kept by the loss, as in a training
 step; bf16 logits, not the fp32 copies Float16Module hands the loss in
 training, so its memory is the smaller of the two); `fused output` runs
-fused_output_opd_loss (docs/loss.md). Peak extra memory includes the
+fused_output_opd_loss (docs/loss.md); where the Triton backend runs,
+`--fused-gemm torch,triton` adds a `fused output (tl.dot GEMMs)` row next
+to the default (torch GEMM tiles with Triton epilogues, backend.FUSED_GEMMS).
+Peak extra memory includes the
 returned gradients; the `- dW` column leaves out the weight gradient
 `[V/tp, H_s]`, which both paths produce and which training accumulates into
 Megatron's gradient buffer.
@@ -71,12 +74,14 @@ Megatron's gradient buffer.
     python benchmarks/bench_loss.py --fused-output --tokens 2048 --vocab 32000 --hidden 128 \
         --modes vopd,full_kl --backends torch --repeats 3   # CPU side by side
     python benchmarks/bench_loss.py --fused-output --vocab 151936 --modes vopd,full_kl,vopd_topk \
-        --backends auto,torch --repeats 20 --warmup 3 --csv fused_v152k.csv   # GPU: N=8192, H=4096, bf16
+        --backends auto,torch --fused-gemm torch,triton --repeats 20 --warmup 3 --csv fused_v152k.csv
+        # GPU: N=8192, H=4096, bf16
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import statistics
 import time
@@ -89,7 +94,7 @@ import torch.nn.functional as F
 
 from vopd_megatron.errors import entry_point
 from vopd_megatron.loss import LOSS_MODES, TOPK_MODES, LossConfig, vocab_parallel_opd_loss
-from vopd_megatron.loss.backend import interpreter_on
+from vopd_megatron.loss.backend import FUSED_GEMMS, fused_gemm, interpreter_on, use_triton
 from vopd_megatron.model.builder import te_available
 from vopd_megatron.runtime.startup import start_process_group
 from vopd_megatron.testing.memory import cpu_peak_bytes
@@ -145,7 +150,15 @@ def parse_args():
                         "(GEMMs to [N, V/tp] logits, then the loss) next to the fused output loss")
     p.add_argument("--hidden", type=int, help="--fused-output: student hidden size (default 4096 on GPU, 256 on CPU)")
     p.add_argument("--teacher-hidden", type=int, help="--fused-output: teacher hidden size (default: --hidden)")
-    return p.parse_args()
+    p.add_argument("--fused-gemm", default="torch",
+                   help="--fused-output: comma-separated tile GEMMs of the Triton backend's fused rows "
+                        f"({', '.join(FUSED_GEMMS)}; default torch)")
+    args = p.parse_args()
+    try:
+        args.fused_gemm = [fused_gemm(g) for g in args.fused_gemm.split(",") if g]
+    except ValueError as exc:
+        p.error(f"--fused-gemm: {exc}")
+    return args
 
 
 def init_distributed(device: torch.device) -> dist.ProcessGroup:
@@ -274,10 +287,12 @@ def make_layer_inputs(n, vocab, hidden, teacher_hidden, dtype, device, group) ->
                        group if tp > 1 else None)
 
 
-def layer_rows(inp: LayerInputs, modes, top_k, backends) -> list[Row]:
+def layer_rows(inp: LayerInputs, modes, top_k, backends, gemms=("torch",)) -> list[Row]:
     """Per mode and backend: `<mode>: logits path` (the output layers' GEMMs to
     `[N, V/tp]` logits, then vocab_parallel_opd_loss) and `<mode>: fused output`
-    (fused_output_opd_loss). Both return the gradients wrt h_s (TP-reduced) and W_s."""
+    (fused_output_opd_loss), one per tile GEMM in `gemms` where the Triton backend
+    runs (`... (tl.dot GEMMs)` for "triton"). All return the gradients wrt h_s
+    (TP-reduced) and W_s."""
     from vopd_megatron.loss.fused_output import fused_output_opd_loss
 
     def leaves():
@@ -304,16 +319,23 @@ def layer_rows(inp: LayerInputs, modes, top_k, backends) -> list[Row]:
                 del z, u  # the loss keeps what its backward needs
                 return finish(loss_sum, num_tokens, hs, ws, reduce=True)
 
-            def fused(x, config=config, kw=kw):
+            def fused(x, config=config, kw=kw, gemm="torch"):
                 hs, ws = x
                 loss_sum, num_tokens, _ = fused_output_opd_loss(hs, ws, inp.ht, inp.wt, inp.targets, inp.mask,
-                                                                config, **kw)
+                                                                config, gemm=gemm, **kw)
                 return finish(loss_sum, num_tokens, hs, ws, reduce=False)  # reduced inside
 
             name = f"{mode} (k={top_k})" if mode in TOPK_MODES else mode
             name += f" [{backend}]" if backend != "auto" else ""
-            rows += [Row(f"{name}: logits path", leaves, logits_path, passes=4),
-                     Row(f"{name}: fused output", leaves, fused, passes=4)]
+            rows.append(Row(f"{name}: logits path", leaves, logits_path, passes=4))
+            try:
+                kernels = use_triton(backend, inp.hs)
+            except ValueError:
+                kernels = True  # its rows say why they cannot run
+            for gemm in gemms if kernels else gemms[:1]:
+                suffix = " (tl.dot GEMMs)" if gemm == "triton" else ""
+                rows.append(Row(f"{name}: fused output{suffix}", leaves, functools.partial(fused, gemm=gemm),
+                                passes=4))
     return rows
 
 
@@ -330,7 +352,7 @@ def print_layer_table(results, header: str, inp: LayerInputs) -> None:
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join(" --- " for _ in cols) + "|")
     for r in results:
-        base = by_name[r["name"].replace(": fused output", ": logits path")]
+        base = by_name[r["name"].partition(": ")[0] + ": logits path"]
         r["mb_no_dw"] = None if r["error"] else r["mb"] - dw_mib
         if r["error"] or base["error"]:
             r.update(x_logits_time="-", x_logits_mem="-", x_logits_mem_no_dw="-")
@@ -546,7 +568,7 @@ def main_fused_output(args, device, tp_group, dtype, modes, backends, compat):
     args.hidden = args.hidden or (4096 if gpu else 256)
     args.teacher_hidden = args.teacher_hidden or args.hidden
     inp = make_layer_inputs(args.tokens, args.vocab, args.hidden, args.teacher_hidden, dtype, device, tp_group)
-    results = measure(layer_rows(inp, modes, args.top_k, backends), args, device)
+    results = measure(layer_rows(inp, modes, args.top_k, backends, args.fused_gemm), args, device)
     tp = dist.get_world_size(tp_group)
     if dist.get_rank() == 0:
         print_layer_table(results, header_line(args, inp.ws.shape[0], device, tp, compat), inp)

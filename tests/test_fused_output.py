@@ -274,32 +274,105 @@ def interp_pool():
 
 def kernel_kinds():
     from vopd_megatron.loss import fused_output_triton as TF
+    from vopd_megatron.loss import triton_kernels as TK
 
-    return type(TF._fused_stats_kernel).__name__, type(TF._fused_grad_kernel).__name__
+    return tuple(type(k).__name__ for k in (TF._fused_stats_kernel, TF._fused_grad_kernel, TK._stats_kernel))
 
 
+@pytest.mark.parametrize("gemm", ["torch", "triton"])
 @pytest.mark.parametrize("tp,dtype,mode", [
     (2, torch.float32, "vopd"), (2, torch.float32, "vopd_opt"), (2, torch.float32, "full_kl"),
     (2, torch.float32, "topk_kl"), (2, torch.bfloat16, "vopd"), (1, torch.float32, "vopd_topk"),
 ], ids=lambda x: str(x).replace("torch.", ""))
-def test_triton_interpreter_matches_reference(interp_pool, tp, dtype, mode):
-    # vocab 300 padded to 384 at tp 2 (shards of 192 and 108 real columns), 320 at tp 1;
-    # kernel blocks 16 x 64 x 32: two row blocks (18 tokens), ragged column and K blocks
-    # (H_s = 48, H_t = 80); backward tiles of 96 columns in 7-row chunks.
+def test_triton_interpreter_matches_reference(interp_pool, tp, dtype, mode, gemm):
+    # vocab 300 padded to 384 at tp 2 (shards of 192 and 108 real columns), 320 at tp 1.
+    # gemm "torch": torch GEMM tiles of 96 columns in 7-row chunks, each folded by the
+    # logits path's statistics kernel (fold=True) and differentiated by its gradient
+    # kernels (fp32 tiles in, the weights' dtype out). gemm "triton": kernel blocks
+    # 16 x 64 x 32, two row blocks (18 tokens), ragged column and K blocks (H_s = 48,
+    # H_t = 80); backward tiles as above.
     cfg = mode_config(mode, temperature=0.7, backend="triton")
     check_fused(interp_pool, tp, dtype, cfg, vocab=300, divisible=64, seed=7,
-                tiles={"tile_width": 96, "tile_elements": 96 * 7})
-    assert interp_pool.run(kernel_kinds) == [("InterpretedFunction",) * 2] * 2
+                tiles={"tile_width": 96, "tile_elements": 96 * 7, "gemm": gemm})
+    assert interp_pool.run(kernel_kinds) == [("InterpretedFunction",) * 3] * 2
 
 
+def kernel_launches(gemm):
+    """One rank under the interpreter: which launch wrappers a `vopd` fused loss
+    calls (forward and backward), with 3 vocabulary tiles of 2 row chunks."""
+    from vopd_megatron.loss import fused_output_triton as TF
+    from vopd_megatron.loss import triton_kernels as TK
+
+    calls, real = [], {}
+
+    def counting(module, name):
+        real[module, name] = fn = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append((name, kwargs.get("fold", False)))
+            return fn(*args, **kwargs)
+
+        setattr(module, name, wrapper)
+
+    for module, names in ((TK, ("shard_statistics", "sampled_gradient")), (TF, ("fused_statistics",
+                                                                                   "sampled_grad_tile"))):
+        for name in names:
+            counting(module, name)
+    try:
+        g = torch.Generator().manual_seed(0)
+        hs, ws = torch.randn(8, 16, generator=g).requires_grad_(), torch.randn(96, 16, generator=g).requires_grad_()
+        loss, _, _ = fused_output_opd_loss(hs, ws, hs.detach(), ws.detach() * 0.5, torch.arange(8), torch.ones(8),
+                                           LossConfig(backend="triton"), tile_width=32, tile_elements=32 * 4,
+                                           gemm=gemm)
+        loss.backward()
+    finally:
+        for (module, name), fn in real.items():
+            setattr(module, name, fn)
+    return calls
+
+
+def test_tile_gemm_choice_reaches_the_kernels(interp_pool):
+    # gemm "torch" (the default): per tile chunk one folding statistics launch and one
+    # gradient launch of the logits path's kernels; gemm "triton": the tl.dot kernels.
+    tiles = 3 * 2
+    hybrid, dot = interp_pool.run(kernel_launches, "torch")[0], interp_pool.run(kernel_launches, "triton")[0]
+    assert hybrid == [("shard_statistics", True)] * tiles + [("sampled_gradient", False)] * tiles, hybrid
+    assert dot == [("fused_statistics", False)] + [("sampled_grad_tile", False)] * tiles, dot
+
+
+@pytest.mark.parametrize("path", ["fused", "fused:triton"])
 @pytest.mark.parametrize("mode", LOSS_MODES)
-def test_triton_interpreter_extreme_logits_and_non_finite_masked_row(interp_pool, mode):
-    # test_loss_faults' cases through the fused kernels: the issue's logits of 2e4
-    # (gradient within 1e-4 of float64) and a NaN hidden state on a masked token.
+def test_triton_interpreter_extreme_logits_and_non_finite_masked_row(interp_pool, mode, path):
+    # test_loss_faults' cases through the fused kernels (both tile GEMMs): the issue's
+    # logits of 2e4 (gradient within 1e-4 of float64) and a NaN hidden state on a masked token.
     from tests.test_loss_faults import backend_case
 
-    for result in interp_pool.run(backend_case, mode, "triton", "cpu", "fused"):
+    for result in interp_pool.run(backend_case, mode, "triton", "cpu", path):
         assert result["grad_error"] < 1e-4 and result["masked_row_changes_nothing"], result
+
+
+def test_tile_gemm_choice_is_read_and_checked(monkeypatch):
+    # VOPD_FUSED_GEMM picks the Triton backend's tile GEMMs ("torch" when unset or
+    # empty); an unknown value is refused naming the variable, and the pre-flight
+    # check turns that into vopd-train's one-line ConfigError.
+    from vopd_megatron.config import ConfigError, RunConfig
+    from vopd_megatron.loss.backend import fused_gemm
+    from vopd_megatron.model.runtime_checks import check_runtime
+
+    monkeypatch.delenv("VOPD_FUSED_GEMM", raising=False)
+    assert fused_gemm() == "torch" and fused_gemm("Triton ") == "triton"
+    monkeypatch.setenv("VOPD_FUSED_GEMM", "")
+    assert fused_gemm() == "torch"
+    monkeypatch.setenv("VOPD_FUSED_GEMM", "triton")
+    assert fused_gemm() == "triton" and fused_gemm("torch") == "torch"  # an explicit choice wins
+    with pytest.raises(ValueError, match="fused output GEMM 'cublas'"):
+        fused_gemm("cublas")
+    monkeypatch.setenv("VOPD_FUSED_GEMM", "cublas")
+    with pytest.raises(ConfigError, match="VOPD_FUSED_GEMM='cublas': expected one of torch, triton"):
+        check_runtime(RunConfig())
+    h, w = torch.zeros(4, 8), torch.zeros(16, 8)
+    with pytest.raises(ValueError, match="VOPD_FUSED_GEMM"):
+        fused_output_opd_loss(h, w, h, w, torch.zeros(4, dtype=torch.long), torch.ones(4), LossConfig())
 
 
 def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch):
@@ -345,6 +418,29 @@ def test_fused_kernels_compile_to_sm90_cubin():
         ptx = compiled.asm["ptx"]
         assert "div.rn.f32" in ptx, f"{fn.__name__}: tempering is not the IEEE division"
         assert "mma" in ptx, f"{fn.__name__}: the bf16 logit blocks do not run on tensor cores"
+
+
+def test_tile_epilogue_kernels_compile_to_sm90_cubin():
+    # gemm "torch" launches the logits path's kernels on fp32 tiles: the statistics kernel
+    # folding into running rows, the gradient kernels writing bf16 from fp32 tiles.
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tests.test_triton_kernels import kernel_signatures
+    from vopd_megatron.loss import triton_kernels as TK
+
+    if type(TK._stats_kernel).__name__ != "JITFunction":
+        pytest.skip("kernels were defined under TRITON_INTERPRET")
+    for fn, signature, constexprs, warps in kernel_signatures("fp32"):
+        if fn is TK._stats_kernel:
+            constexprs = {**constexprs, "FOLD": True}
+        else:  # the gradient tile in the weights' dtype
+            signature = {**signature, **{k: "*bf16" for k in ("dz_ptr", "g_ptr") if k in signature}}
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        assert len(compiled.asm["cubin"]) > 0, fn.__name__
+        assert "div.rn.f32" in compiled.asm["ptx"], f"{fn.__name__}: tempering is not the IEEE division"
 
 
 # --- Megatron: the distillation stage with --vopd-fused-output ------------------------------------
@@ -440,11 +536,16 @@ GPU_TOLERANCE = {  # as test_triton_kernels: tl.exp is the hardware approximatio
 }
 
 
+#: (loss backend, tile GEMMs) of the GPU cases: the cuBLAS tiles with Triton
+#: epilogues (the default), the tl.dot kernels, the PyTorch tiles.
+GPU_PATHS = [("triton", "torch"), ("triton", "triton"), ("torch", None)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend,gemm", GPU_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", LOSS_MODES)
-def test_gpu_fused_output_matches_reference(mode, dtype, backend):
+def test_gpu_fused_output_matches_reference(mode, dtype, backend, gemm):
     # V = 32000 in 4096-column tiles (the last one ragged), one process.
     vocab, shape = 32000, (16, 4)
     inputs = make_hidden_inputs(7, shape, vocab, vocab)
@@ -452,7 +553,7 @@ def test_gpu_fused_output_matches_reference(mode, dtype, backend):
     cfg = mode_config(mode, temperature=0.7, top_k=5, backend=backend)
     h, w = hs.to(dtype).cuda().requires_grad_(), ws.to(dtype).cuda().requires_grad_()
     loss, count, _ = fused_output_opd_loss(h, w, ht.to(dtype).cuda(), wt.to(dtype).cuda(), targets.cuda(),
-                                           mask.cuda(), cfg, tile_width=4096)
+                                           mask.cuda(), cfg, tile_width=4096, gemm=gemm)
     loss.backward()
     ref_loss, ref_tokens, _, ref_gh, ref_gw = reference(cfg, inputs, vocab, dtype)
     tol = GPU_TOLERANCE[dtype]
@@ -463,10 +564,10 @@ def test_gpu_fused_output_matches_reference(mode, dtype, backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend,gemm", GPU_PATHS)
 @pytest.mark.parametrize("mode", LOSS_MODES)
-def test_gpu_fused_extreme_logits_and_non_finite_masked_row(mode, backend):
+def test_gpu_fused_extreme_logits_and_non_finite_masked_row(mode, backend, gemm):
     from tests.test_loss_faults import backend_case
 
-    result = backend_case(mode, backend, "cuda", "fused")
+    result = backend_case(mode, backend, "cuda", "fused" + (f":{gemm}" if gemm else ""))
     assert result["grad_error"] < 1e-4 and result["masked_row_changes_nothing"], result

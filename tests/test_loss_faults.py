@@ -34,11 +34,12 @@ def output_layers(z, u):
 
 def loss_on(path, z, u, a, m, cfg, small=False):
     """`(loss_sum, num_tokens, metrics)` of either path. small: several row chunks
-    (logits path) or two-column tiles in two-row chunks (fused path)."""
+    (logits path) or two-column tiles in two-row chunks (fused path). "fused:triton"
+    is the fused path with its tile GEMMs in the Triton kernels (backend.FUSED_GEMMS)."""
     if path == "logits":
         return vocab_parallel_opd_loss(z, u, a, m, cfg, **({"chunk_elements": 8} if small else {}))
     tiles = {"tile_width": 2, "tile_elements": 4} if small else {}
-    return fused_output_opd_loss(*output_layers(z, u), a, m, cfg, **tiles)
+    return fused_output_opd_loss(*output_layers(z, u), a, m, cfg, gemm=path.partition(":")[2] or None, **tiles)
 
 
 def fp32_and_reference(z, u, a, m, cfg, small=False, path="logits"):

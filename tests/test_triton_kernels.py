@@ -258,7 +258,8 @@ def kernel_signatures(dtype="bf16"):
                lse_z_ptr="*fp32", max_u_ptr="*fp32", lse_u_ptr="*fp32", kl_ptr="*fp32", coef_ptr="*fp32")
     (sn, sv, sw), (gn, gv, gw) = DEFAULT_GPU_TILES["stats"], DEFAULT_GPU_TILES["grad"]  # the committed launch shapes
     return [
-        (TK._stats_kernel, stats, {"TEMPERED": True, "NEED_OPT": True, "BLOCK_N": sn, "BLOCK_V": sv}, sw),
+        (TK._stats_kernel, stats, {"TEMPERED": True, "NEED_OPT": True, "FOLD": False, "BLOCK_N": sn, "BLOCK_V": sv},
+         sw),
         (TK._sampled_grad_kernel, sampled, {"TEMPERED": True, "BLOCK_N": gn, "BLOCK_V": gv}, gw),
         (TK._full_kl_grad_kernel, full, {"TEMPERED": True, "BLOCK_N": gn, "BLOCK_V": gv}, gw),
     ]

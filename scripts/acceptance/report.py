@@ -118,8 +118,8 @@ def fused_result(args) -> int:
     if not rows:
         return fail(args.note, "bench_loss --fused-output wrote no rows")
     broken = [f"{r['name']}: {r['error']}" for r in rows if r["error"] or num(r["ms"]) is None]
-    fused = [r for r in rows if r["name"].endswith("fused output")]
-    parts = [f"{r['name'].split(':')[0]} {r['x_logits_time']}x time, {r['x_logits_mem']}x memory"
+    fused = [r for r in rows if ": fused output" in r["name"]]
+    parts = [f"{r['name'].replace(': fused output', '')} {r['x_logits_time']}x time, {r['x_logits_mem']}x memory"
              for r in fused if num(r["ms"]) is not None]
     text = "fused vs logits path: " + "; ".join(parts) + (f"; rows that failed: {'; '.join(broken)}" if broken else "")
     if broken or not parts:

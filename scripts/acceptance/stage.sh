@@ -91,9 +91,12 @@ stage_bench_fused() {
   # The output layer + loss from hidden states (--vopd-fused-output) next to the
   # logits path, at an 8B-class shape. Its CSV travels in logs.tar.gz (8 files come
   # back at most); its table is appended to bench_loss.md.
-  local args=(--tokens 8192 --vocab 128256 --hidden 4096 --backends auto,torch --repeats 20 --warmup 3)
+  # --fused-gemm torch,triton: the default tile GEMMs (cuBLAS, Triton epilogues) and
+  # the tl.dot kernels, side by side.
+  local args=(--tokens 8192 --vocab 128256 --hidden 4096 --backends auto,torch --fused-gemm torch,triton
+              --repeats 20 --warmup 3)
   if [ "$smoke" = 1 ]; then
-    args=(--tokens 64 --vocab 1271 --hidden 64 --backends triton --repeats 1 --warmup 1)
+    args=(--tokens 64 --vocab 1271 --hidden 64 --backends triton --fused-gemm torch,triton --repeats 1 --warmup 1)
   fi
   "$py" benchmarks/bench_loss.py --fused-output --dtype bf16 --modes vopd,full_kl,vopd_topk "${args[@]}" \
     --csv "$W/bench_fused.csv" | tee "$md"

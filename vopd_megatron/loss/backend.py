@@ -29,6 +29,15 @@ DEFAULT_GPU_TILES = {"stats": (1, 4096, 8), "grad": (4, 1024, 8)}
 #: Overrides DEFAULT_GPU_TILES for one run, e.g. "stats=1x8192x16,grad=8x512x4"
 #: (either family): how a tile-sweep winner is tried end to end without editing code.
 TILES_ENV = "VOPD_TRITON_TILES"
+#: Who forms the logit tiles of the fused output-layer loss (--vopd-fused-output)
+#: on the Triton backend: "torch" -- torch GEMMs (cuBLAS on a GPU) write each
+#: tile in fp32 and one Triton kernel per tile folds it (the logits path's
+#: kernels); "triton" -- `tl.dot` inside the fused kernels, no tile in memory
+#: (fused_output_triton.py). The default is "torch": the H200 run of 2026-11-30
+#: measured the `tl.dot` kernels at 2.71x the logits path, which is GEMM-bound on
+#: cuBLAS (docs/performance.md).
+FUSED_GEMMS = ("torch", "triton")
+FUSED_GEMM_ENV = "VOPD_FUSED_GEMM"
 
 
 @functools.cache
@@ -83,3 +92,13 @@ def parse_tiles(text: str | None, defaults: dict = DEFAULT_GPU_TILES) -> dict[st
 def env_tiles() -> dict[str, tuple[int, int, int]]:
     """The GPU launch shapes of this process: the defaults, or VOPD_TRITON_TILES."""
     return parse_tiles(os.environ.get(TILES_ENV))
+
+
+def fused_gemm(value: str | None = None) -> str:
+    """`value`, else VOPD_FUSED_GEMM, else "torch"; ValueError naming the variable if unknown."""
+    text = os.environ.get(FUSED_GEMM_ENV, "") if value is None else value
+    text = text.strip().lower() or FUSED_GEMMS[0]
+    if text not in FUSED_GEMMS:
+        where = f"{FUSED_GEMM_ENV}={text!r}" if value is None else f"fused output GEMM {text!r}"
+        raise ValueError(f"{where}: expected one of {', '.join(FUSED_GEMMS)}")
+    return text

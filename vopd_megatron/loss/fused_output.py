@@ -22,8 +22,10 @@ and streams vocabulary tiles (fused_steps.tiles):
   logit gradient `g [n, w]` of the mode is formed (stats.softmax_minus_onehot,
   stats.full_kl_gradient -- which also recomputes the teacher tile -- or
   per_token.topk_kl_candidate_grad scattered into the tile), rounded to the
-  weights' dtype as the logits path's gradient is, and two GEMMs accumulate
-  `dh_s += g W_s[cols]` (fp32 accumulator) and `dW_s[cols] = g^T h_s`.
+  weights' dtype as the logits path's gradient is, into a buffer holding a
+  group of consecutive tiles (fused_steps.grad_group); then two GEMMs per
+  group accumulate `dh_s += g W_s[cols]` (a GEMM adding into the fp32
+  accumulator) and `dW_s[cols] = g^T h_s`.
   The teacher gets no gradient. Rows of masked tokens are exactly 0 in `g`;
   when one of them may hold a non-finite hidden state (the finiteness check
   saw one, or `check_inputs` is off) the wgrad reads a copy of `h_s` with
@@ -32,16 +34,19 @@ and streams vocabulary tiles (fused_steps.tiles):
 Saved for backward: references to the four inputs (no copies: they are
 activations and parameters that exist anyway) and `[N]` / `[N, k]` tensors.
 Never alive: more than one tile's `[n, w]` fp32 buffers (about five of them,
-`TILE_ELEMENTS` each). The weight gradient is one full `[V/tp, H_s]` tensor,
+`TILE_ELEMENTS` each) and the backward's gradient group (two tiles' bytes). The weight gradient is one full `[V/tp, H_s]` tensor,
 returned through autograd so Megatron's DDP hooks accumulate it into the
 gradient buffer as they do for the output layer's own backward.
 
-Backends: "torch" runs the tiles as above; "triton" (fused_output_triton.py)
-forms the statistics in one kernel that computes the logit tiles with
-`tl.dot` and reduces them in registers (the top-k modes keep the PyTorch
-tiles in forward: `torch.topk` needs them), and the gradient tiles in
-another, the dgrad / wgrad GEMMs staying on torch. "auto" picks Triton for
-CUDA tensors.
+Backends: "torch" runs the tiles as above. "triton" keeps the torch GEMMs
+(cuBLAS on a GPU) for the logit tiles and replaces the PyTorch steps on
+them with one kernel per tile, the logits path's own (triton_kernels.py):
+the statistics kernel folding the tile into the running rows, the gradient
+kernels writing `g` in the weights' dtype. With gemm="triton"
+(VOPD_FUSED_GEMM, backend.FUSED_GEMMS) the tiles are formed with `tl.dot`
+inside the kernels of fused_output_triton.py instead and never written.
+The top-k modes keep the PyTorch tiles in forward (`torch.topk` needs them).
+"auto" picks Triton for CUDA tensors.
 """
 from __future__ import annotations
 
@@ -52,27 +57,46 @@ from . import fused_steps as F
 from . import per_token as P
 from . import stats as S
 from .api import validate_inputs
-from .backend import use_triton
+from .backend import fused_gemm, use_triton
 from .config import LossConfig
 from .terms import TokenTerms, reduce_token_terms
 from .vocab_parallel import all_gather_stats, group_rank_size
 
 
-def _local_pass(hs, ws, ht, wt, local_target, owned, cfg, width, k, plan, fused, with_cols):
+def _tile_target(target: torch.Tensor, cols: slice) -> torch.Tensor:
+    """`[n]` target column inside the vocabulary tile `cols`, from shard columns
+    (-1 where not owned); the kernels ignore values outside `[0, tile width)`."""
+    return torch.where(target >= 0, target - cols.start, -1).contiguous()
+
+
+def _local_pass(hs, ws, ht, wt, local_target, owned, cfg, width, k, plan, fused, with_cols, gemm):
     """This shard's `[R, N]` statistics (and `[N, k]` candidate columns for topk_kl).
 
-    The Triton kernel makes the scalar rows without any tile in memory; the
-    top-k modes need `torch.topk` on each tile, so their forward runs on the
-    PyTorch tiles, which give the scalar rows from the same two GEMMs.
+    On the Triton backend the scalar rows come from torch GEMM tiles folded by
+    one kernel each (gemm "torch"), or from one kernel that forms the tiles
+    with `tl.dot` and never writes them (gemm "triton"). The top-k modes need
+    `torch.topk` on each tile, so their forward runs on the PyTorch tiles,
+    which give the scalar rows from the same two GEMMs.
     """
     n = hs.shape[0]
     need_opt, tau = cfg.mode == "vopd_opt", cfg.temperature
     rows_r = S.stat_rows(need_opt, k)
     local = F.empty_statistics(rows_r, n, k, S.stat_dtype(hs.dtype), hs.device)  # [R, N]
     if fused and not k:
-        from . import fused_output_triton as TF
+        target = torch.where(owned, local_target, -1)  # [N]
+        if gemm == "triton":
+            from . import fused_output_triton as TF
 
-        TF.fused_statistics(hs, ws, ht, wt, torch.where(owned, local_target, -1), width, tau, need_opt, local)
+            TF.fused_statistics(hs, ws, ht, wt, target, width, tau, need_opt, local)
+            return local, None
+        from . import triton_kernels as TK
+
+        for c, rows, _, _ in F.tiles(n, width, *plan):
+            zs = F.mm_f32(hs[rows], ws[c].t())  # [n, w] fp32, untempered: the kernel tempers
+            us = F.mm_f32(ht[rows], wt[c].t())  # [n, w]
+            TK.shard_statistics(zs, us, _tile_target(target[rows], c), zs.shape[1], tau, need_opt, local[:, rows],
+                                fold=True)
+            del zs, us
         return local, None
     cols = torch.full((n, k), -1, dtype=torch.long, device=hs.device) if with_cols else None
     tile = torch.empty_like(local)  # [R, n] per tile, reused
@@ -97,31 +121,32 @@ class FusedOutputOPDLoss(torch.autograd.Function):
 
     forward(h_s [N, H_s], W_s [P, H_s], h_t [N, H_t], W_t [P, H_t], targets [N],
             mask [N], behavior [N] | None, old [N] | None, config, vocab_size,
-            group, plan = (tile_elements, tile_width | None), reduce_hidden_grad)
+            group, plan = (tile_elements, tile_width | None), reduce_hidden_grad,
+            gemm = "torch" | "triton" (backend.FUSED_GEMMS))
     returns the same 9 per-token tensors as VocabParallelOPDLoss; only
     token_loss is differentiable, wrt h_s and W_s.
     """
 
     @staticmethod
     def forward(ctx, hs, ws, ht, wt, targets, mask, behavior, old, cfg: LossConfig, vocab_size, group, plan,
-                reduce_hidden_grad):
-        n, part = hs.shape[0], ws.shape[0]
+                reduce_hidden_grad, gemm):
+        part = ws.shape[0]
         rank, size = group_rank_size(group)
         start = rank * part
         width = S.shard_width(vocab_size, start, part)
-        need_opt = cfg.mode == "vopd_opt"
         k = min(cfg.top_k, vocab_size) if cfg.needs_topk else 0
         local_target = targets - start  # [N]
         owned = (local_target >= 0) & (local_target < width)  # [N]
         fused = use_triton(cfg.backend, hs)
         local, cols = _local_pass(hs, ws, ht, wt, local_target, owned, cfg, width, k, plan, fused,
-                                  with_cols=cfg.mode == "topk_kl")
+                                  with_cols=cfg.mode == "topk_kl", gemm=gemm)
         gathered = all_gather_stats(local, group, size)  # [tp, R, N]: the one collective
         # From here on the logits path's own code: the same per-token math, saved rows and checks.
         terms = P.mode_terms(cfg, gathered, local, mask, behavior, old, rank=rank, k=k, width=width,
                              local_target=local_target, owned=owned)
 
         ctx.cfg, ctx.width, ctx.plan, ctx.fused, ctx.zero_masked = cfg, width, plan, fused, terms.zero_masked
+        ctx.gemm = gemm
         ctx.group = group if reduce_hidden_grad and size > 1 else None
         inputs = (hs, ws, ht, wt) if cfg.mode == "full_kl" else (hs, ws)  # references: tiles are recomputed
         extra = (cols[:, : min(k, width)].contiguous(),) if cfg.mode == "topk_kl" else ()  # [N, k_loc] shard columns
@@ -134,10 +159,10 @@ class FusedOutputOPDLoss(torch.autograd.Function):
         cfg, saved = ctx.cfg, ctx.saved_tensors
         hs, ws = saved[0], saved[1]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        none = (None,) * 11
+        none = (None,) * 12
         if not (need_h or need_w):
             return (None, None) + none
-        grad_tile, row_coef = _grad_tile_fn(cfg, saved, grad_loss, ctx.fused, ctx.zero_masked)
+        grad_tile, row_coef = _grad_tile_fn(cfg, saved, grad_loss, ctx.fused, ctx.zero_masked, ctx.gemm)
         n, hidden = hs.shape
         acc_dtype = S.stat_dtype(hs.dtype)
         dh = torch.zeros(n, hidden, dtype=acc_dtype, device=hs.device) if need_h else None  # [N, H_s]
@@ -145,65 +170,103 @@ class FusedOutputOPDLoss(torch.autograd.Function):
         # The gradient rows of masked tokens are 0, but their hidden states may not be
         # finite (0 * NaN in g^T h): the wgrad reads h with those rows zeroed.
         hs_w = hs.masked_fill((row_coef == 0)[:, None], 0.0) if need_w and ctx.zero_masked else hs  # [N, H_s]
-        dw_tile = None
-        for c, rows, first, last in F.tiles(n, ctx.width, *ctx.plan):
-            g = grad_tile(c, rows).to(hs.dtype)  # [n, w], rounded like the logits path's dz
+        # Groups of vocabulary tiles (fused_steps.grad_group): each tile's gradient is
+        # written into one buffer, then one dgrad and one wgrad GEMM take the group.
+        tile_elements, width_override = ctx.plan
+        group = F.grad_group(hs.dtype)
+        step_w = F.tile_columns(n, ctx.width, tile_elements, width_override) * group
+        buf = hs.new_empty(min(n, max(1, tile_elements * group // step_w)) * min(ctx.width, step_w))
+        dw_acc = None
+        for c, rows, first, last, subs in F.grad_tiles(n, ctx.width, tile_elements, width_override, group):
+            g = buf[: (rows.stop - rows.start) * (c.stop - c.start)].view(rows.stop - rows.start, -1)  # [n, W]
+            for sub in subs:  # [n, w] each, rounded to the weights' dtype like the logits path's dz
+                grad_tile(sub, rows, g[:, sub.start - c.start : sub.stop - c.start])
             if need_h:
-                dh[rows] += F.mm_f32(g, ws[c])  # [n, H_s]
+                F.add_mm_(dh[rows], g, ws[c])  # [n, H_s] += [n, W] @ [W, H_s]
             if need_w:
-                part = F.mm_f32(g.t(), hs_w[rows])  # [w, H_s]
-                dw_tile = part if first else dw_tile.add_(part)
-                if last:
-                    dw[c] = dw_tile
+                if first and last:  # one row chunk: straight into the weight gradient
+                    F.mm_into(dw[c], g.t(), hs_w[rows])  # [W, H_s]
+                else:
+                    part = F.mm_f32(g.t(), hs_w[rows])  # [W, H_s]
+                    dw_acc = part if first else dw_acc.add_(part)
+                    if last:
+                        dw[c] = dw_acc
             del g
         if dh is not None and ctx.group is not None:  # every rank's columns contribute to dh
             dist.all_reduce(dh, group=ctx.group)
         return (None if dh is None else dh.to(hs.dtype), dw) + none
 
 
-def _grad_tile_fn(cfg, saved, grad_loss, fused, zero_masked):
-    """(`grad_tile(cols, rows) -> [n, w]` fp32, d loss / d raw student logits of one
-    tile; `[N]` row coefficients, 0 on masked tokens, whose rows the tiles zero)."""
+def _grad_tile_fn(cfg, saved, grad_loss, fused, zero_masked, gemm):
+    """(`grad_tile(cols, rows, out)`: writes d loss / d raw student logits of one
+    tile into `out [n, w]` (the weights' dtype, unit column stride); `[N]` row
+    coefficients, 0 on masked tokens, whose rows the tiles zero)."""
     tau = cfg.temperature
     hs, ws = saved[0], saved[1]
+    if fused:  # Triton is imported only when its kernels run
+        from . import fused_output_triton as TF
+        from . import triton_kernels as TK
     if cfg.sampled:
         _, _, z_max, z_logsum, coef, local_target, owned = saved
         c = P.sampled_row_coef(grad_loss, coef, tau)  # [N]
         if fused:
-            from . import fused_output_triton as TF
-
             tgt = torch.where(owned, local_target, -1)  # [N]
-            return lambda cols, rows: TF.sampled_grad_tile(hs, ws, cols, rows, (z_max, z_logsum), c, tgt, tau), c
+            if gemm == "triton":
+                def sampled_dot(cols, rows, out):
+                    TF.sampled_grad_tile(hs, ws, cols, rows, (z_max, z_logsum), c, tgt, tau, out=out)
 
-        def sampled(cols, rows):
+                return sampled_dot, c
+
+            def sampled_kernel(cols, rows, out):
+                zs = F.mm_f32(hs[rows], ws[cols].t())  # [n, w] fp32 recomputed, untempered
+                TK.sampled_gradient(zs, z_logsum[rows], c[rows], _tile_target(tgt[rows], cols), zs.shape[1], tau,
+                                    z_max=z_max[rows], out=out)
+
+            return sampled_kernel, c
+
+        def sampled(cols, rows, out):
             zs = F.logit_tile(hs[rows], ws[cols], tau)  # [n, w] recomputed
             lt = local_target[rows] - cols.start
             in_tile = owned[rows] & (lt >= 0) & (lt < zs.shape[1])
             g = S.softmax_minus_onehot(zs, z_logsum[rows], c[rows], lt, in_tile, z_max=z_max[rows])  # [n, w]
-            return P.zero_dead_rows_(g, c[rows], zero_masked)
+            out.copy_(P.zero_dead_rows_(g, c[rows], zero_masked))
 
         return sampled, c
     if cfg.mode == "full_kl":
         _, _, ht, wt, z_max, z_logsum, u_max, u_logsum, kl, mask = saved
         c = P.kl_row_coef(grad_loss, mask, tau)  # [N]
-        if fused:
-            from . import fused_output_triton as TF
-
+        if fused and gemm == "triton":
             stats_rows = (z_max, z_logsum, u_max, u_logsum, kl)
-            return lambda cols, rows: TF.full_kl_grad_tile(hs, ws, ht, wt, cols, rows, stats_rows, c, tau), c
 
-        def full_kl(cols, rows):
+            def full_kl_dot(cols, rows, out):
+                TF.full_kl_grad_tile(hs, ws, ht, wt, cols, rows, stats_rows, c, tau, out=out)
+
+            return full_kl_dot, c
+        if fused:
+            def full_kl_kernel(cols, rows, out):
+                zs = F.mm_f32(hs[rows], ws[cols].t())  # [n, w] fp32 recomputed, untempered
+                us = F.mm_f32(ht[rows], wt[cols].t())  # [n, w]
+                norm = (z_max[rows], z_logsum[rows], u_max[rows], u_logsum[rows])
+                TK.full_kl_gradient_rows(zs, us, norm, kl[rows], c[rows], zs.shape[1], tau, out=out)
+
+            return full_kl_kernel, c
+
+        def full_kl(cols, rows, out):
             zs = F.logit_tile(hs[rows], ws[cols], tau)  # [n, w] recomputed
             us = F.logit_tile(ht[rows], wt[cols], tau)  # [n, w] recomputed
             g = S.full_kl_gradient(zs, us, (z_logsum[rows], u_logsum[rows], kl[rows]), c[rows],
                                    maxima=(z_max[rows], u_max[rows]))  # [n, w]
-            return P.zero_dead_rows_(g, c[rows], zero_masked)
+            out.copy_(P.zero_dead_rows_(g, c[rows], zero_masked))
 
         return full_kl, c
     topk_saved, cols_k = saved[2:-1], saved[-1]
     g = P.topk_kl_candidate_grad(topk_saved, grad_loss, tau)  # [N, k_loc], nothing to recompute
     c = P.kl_row_coef(grad_loss, topk_saved[-1], tau)  # [N]
-    return lambda cols, rows: F.topk_grad_tile(cols_k[rows], g[rows], cols.start, cols.stop - cols.start), c
+
+    def topk(cols, rows, out):
+        out.copy_(F.topk_grad_tile(cols_k[rows], g[rows], cols.start, cols.stop - cols.start))
+
+    return topk, c
 
 
 def _validate(hs, ws, ht, wt, targets, loss_mask, config, vocab_size, tp, behavior, old):
@@ -244,6 +307,7 @@ def fused_output_token_terms(
     tile_elements: int = F.TILE_ELEMENTS,
     tile_width: int | None = None,
     reduce_hidden_grad: bool = True,
+    gemm: str | None = None,
 ) -> TokenTerms:
     """Per-token terms from this rank's output-layer shards, without logit shards.
 
@@ -259,8 +323,12 @@ def fused_output_token_terms(
         passes False: there the hidden states go through Megatron's own
         copy-to-TP / sequence-parallel gather, whose backward reduces, exactly
         as for ColumnParallelLinear.
+    gemm: who forms the logit tiles on the Triton backend (backend.fused_gemm:
+        "torch" GEMMs with Triton epilogues, or "triton" `tl.dot` kernels);
+        None reads VOPD_FUSED_GEMM, default "torch".
     """
     _, tp = group_rank_size(group)
+    gemm = fused_gemm(gemm)
     part = student_weight.shape[0]
     vocab_size = part * tp if vocab_size is None else int(vocab_size)
     _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, loss_mask, config,
@@ -275,7 +343,7 @@ def fused_output_token_terms(
         student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
         teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
         targets.reshape(-1).long(), (loss_mask.reshape(-1) != 0).to(dtype), flat(behavior_logprobs),
-        flat(old_logprobs), config, vocab_size, group, (int(tile_elements), tile_width), reduce_hidden_grad,
+        flat(old_logprobs), config, vocab_size, group, (int(tile_elements), tile_width), reduce_hidden_grad, gemm,
     )
     token_loss, mask, logp, logq, kl, baseline, topk_kl, weight, clipped = (
         None if t is None else t.view(lead) for t in outs

@@ -1,6 +1,12 @@
-"""Triton kernels of the fused output-layer loss (fused_output.py, docs/performance.md).
+"""Triton kernels of the fused output-layer loss with `tl.dot` tiles (VOPD_FUSED_GEMM=triton).
 
-Why: on the PyTorch path each logit tile is written by a GEMM as an fp32
+Not the default Triton path: that one (fused_output.py) lets torch's GEMMs
+write each fp32 tile and runs one of the logits path's kernels on it. These
+kernels form the tiles themselves; the H200 measured them at 2.71x the
+logits path (docs/performance.md), their 64 x 128 `tl.dot` blocks far below
+cuBLAS. Kept so the benchmark can compare both (`--fused-gemm torch,triton`).
+
+Why they exist: on the PyTorch path each logit tile is written by a GEMM as an fp32
 `[n, w]` buffer and then read several times by the statistics steps. Here the
 tile never leaves registers:
 
@@ -210,12 +216,14 @@ def fused_statistics(hs, ws, ht, wt, local_target, width, temperature, need_opt,
         F.combine_rows(parts, need_opt, out[:r0])
 
 
-def _grad_tile(hs, ws, ht, wt, cols, rows, stats_rows, coef, tgt, temperature, full_kl):
+def _grad_tile(hs, ws, ht, wt, cols, rows, stats_rows, coef, tgt, temperature, full_kl, out=None):
     """Launch the gradient kernel on one tile; stats_rows: (z_max, z_logsum) or, for
-    full_kl, (z_max, z_logsum, u_max, u_logsum, kl), each [N]."""
+    full_kl, (z_max, z_logsum, u_max, u_logsum, kl), each [N]. out: an `[n, w]` view
+    with unit column stride to write into (else a new tensor)."""
     h, w = _rows_contiguous(hs[rows]), _rows_contiguous(ws[cols])
     n, width = h.shape[0], w.shape[0]
-    g = torch.empty(n, width, dtype=hs.dtype, device=hs.device)  # [n, w]
+    g = torch.empty(n, width, dtype=hs.dtype, device=hs.device) if out is None else out  # [n, w]
+    assert g.shape == (n, width) and g.stride(1) == 1, (tuple(g.shape), g.stride())
     if n == 0 or width == 0:
         return g
     h_t = _rows_contiguous(ht[rows]) if full_kl else h
@@ -232,22 +240,22 @@ def _grad_tile(hs, ws, ht, wt, cols, rows, stats_rows, coef, tgt, temperature, f
     return g
 
 
-def sampled_grad_tile(hs, ws, cols, rows, z_norm, coef, local_target, temperature) -> torch.Tensor:
+def sampled_grad_tile(hs, ws, cols, rows, z_norm, coef, local_target, temperature, out=None) -> torch.Tensor:
     """`coef (e_a - p)` of one tile `[n, w]` in hs's dtype, the student tile recomputed.
 
     cols, rows: slices of the shard and the tokens; z_norm: (z_max, z_logsum), [N]
     fp32 each (p = exp((z - z_max) - z_logsum)); coef: [N] fp32 (carries the
     incoming gradient and 1 / tau; rows with 0 get 0); local_target: [N] shard
-    column of the target, -1 where not owned.
+    column of the target, -1 where not owned; out: as `_grad_tile`.
     """
     tgt = torch.where(local_target[rows] >= 0, local_target[rows] - cols.start, -1).contiguous()  # [n]
-    return _grad_tile(hs, ws, None, None, cols, rows, z_norm, coef, tgt, temperature, False)
+    return _grad_tile(hs, ws, None, None, cols, rows, z_norm, coef, tgt, temperature, False, out)
 
 
-def full_kl_grad_tile(hs, ws, ht, wt, cols, rows, stats_rows, coef, temperature) -> torch.Tensor:
+def full_kl_grad_tile(hs, ws, ht, wt, cols, rows, stats_rows, coef, temperature, out=None) -> torch.Tensor:
     """`coef p (log p - log q - K)` of one tile `[n, w]` in hs's dtype, both tiles recomputed.
 
     stats_rows: (z_max, z_logsum, u_max, u_logsum, kl), each [N] fp32, the log-sums
     relative to the maxima; coef: [N] = incoming gradient * mask / tau (rows with 0 get 0).
     """
-    return _grad_tile(hs, ws, ht, wt, cols, rows, stats_rows, coef, coef, temperature, True)  # coef: no target
+    return _grad_tile(hs, ws, ht, wt, cols, rows, stats_rows, coef, coef, temperature, True, out)  # coef: no target

@@ -34,6 +34,33 @@ from . import stats as S
 TILE_ELEMENTS = 1 << 23
 #: Narrowest vocabulary tile chosen automatically (GEMM efficiency), columns.
 MIN_TILE_WIDTH = 256
+#: The backward's gradient buffer, in fp32 tiles' bytes: the gradient `g` of
+#: several consecutive vocabulary tiles (4 in bf16, 2 in fp32) is written into it
+#: before the dgrad and wgrad GEMMs run once on the whole group. The dgrad GEMM
+#: adds into the fp32 `dh [N, H]`, reading and writing all of it each time, so
+#: fewer, deeper GEMMs cut that traffic (about 33 GB over 125 tiles at N = 8192,
+#: H = 4096, V = 128256, a quarter of it with groups of 4).
+GRAD_BUFFER_TILES = 2
+
+
+def tile_columns(n: int, width: int, tile_elements: int = TILE_ELEMENTS, width_override: int | None = None) -> int:
+    """Columns per vocabulary tile: `width_override`, else as many rows as possible
+    (all `n` when `n * MIN_TILE_WIDTH <= tile_elements`), never wider than the shard."""
+    return width_override or min(width, max(MIN_TILE_WIDTH, tile_elements // max(n, 1)))
+
+
+def grad_group(dtype: torch.dtype) -> int:
+    """Vocabulary tiles per backward GEMM group for gradients of `dtype` (GRAD_BUFFER_TILES)."""
+    return max(1, GRAD_BUFFER_TILES * 4 // torch.empty((), dtype=dtype).element_size())
+
+
+def grad_tiles(n: int, width: int, tile_elements: int, width_override: int | None, group: int):
+    """`tiles` of `group` vocabulary tiles at once, with the same row chunks: yields
+    `(cols, rows, first, last, subs)`, `subs` the tile-wide column slices of `cols`."""
+    w = tile_columns(n, width, tile_elements, width_override)
+    for cols, rows, first, last in tiles(n, width, tile_elements * group, w * group):
+        subs = [slice(c0, min(cols.stop, c0 + w)) for c0 in range(cols.start, cols.stop, w)]
+        yield cols, rows, first, last, subs
 
 
 def tiles(n: int, width: int, tile_elements: int = TILE_ELEMENTS, tile_width: int | None = None):
@@ -45,7 +72,7 @@ def tiles(n: int, width: int, tile_elements: int = TILE_ELEMENTS, tile_width: in
     """
     if n == 0 or width == 0:
         return
-    w = tile_width or min(width, max(MIN_TILE_WIDTH, tile_elements // n))
+    w = tile_columns(n, width, tile_elements, tile_width)
     step = max(1, tile_elements // w)
     for c0 in range(0, width, w):
         cols = slice(c0, min(width, c0 + w))
@@ -75,6 +102,49 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda and _cuda_mm_out_dtype():
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float())
+
+
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """`out = a @ b`, accumulated in fp32 (fp64 for fp64) and rounded once to out's dtype.
+
+    bf16 / fp16 on CUDA: one GEMM writing out directly (as the output layer's own
+    wgrad does); on CPU through an fp32 product.
+    """
+    if a.dtype == out.dtype and (a.is_cuda or a.dtype in (torch.float32, torch.float64)):
+        torch.mm(a, b.to(a.dtype), out=out)
+    else:
+        out.copy_(mm_f32(a, b))
+
+
+@functools.cache
+def _cuda_addmm_out_dtype() -> bool:
+    """torch.addmm(C fp32, A bf16, B bf16, out_dtype=fp32, out=C) adds A @ B into C correctly on this build's CUDA."""
+    c = torch.ones(16, 16, device="cuda")
+    a = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
+    try:
+        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return bool(torch.all(c == 17))
+
+
+def add_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`acc [n, m] += a [n, k] @ b [k, m]` in place, accumulated in acc's fp32 / fp64.
+
+    The backward's hidden-state gradient sums one product per vocabulary tile:
+    a GEMM that adds into its output reads and writes `acc` once per tile, where
+    `acc += mm(a, b)` also writes and re-reads an `[n, m]` temporary (at N = 8192,
+    H = 4096 and 125 tiles, about 16 GB of extra traffic). bf16 / fp16 operands on
+    CUDA stay in their dtype (tensor cores, fp32 accumulation into acc); on CPU
+    they are upcast, which computes the same sum.
+    """
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b.to(acc.dtype))
+    if a.is_cuda:  # tensor-core GEMM; through an fp32 product where this torch cannot add into acc
+        if _cuda_addmm_out_dtype():
+            return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        return acc.add_(mm_f32(a, b))
+    return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def logit_tile(h: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -107,6 +107,26 @@ def _store_statistics(out_ptr, rows, row_ok, stride_out, m_z, m_u, s_z, s_u, dif
 
 
 @triton.jit
+def _load_statistics(out_ptr, rows, row_ok, stride_out, NEED_OPT: tl.constexpr):
+    """The scalar rows `_store_statistics` writes, read back as a running state:
+    (m_z, m_u, s_z, s_u, dif, z_a, u_a, s_2, dif2), each [BN] fp32."""
+    base = out_ptr + rows
+    m_z = tl.load(base + 0 * stride_out, mask=row_ok, other=float("-inf"))
+    m_u = tl.load(base + 1 * stride_out, mask=row_ok, other=float("-inf"))
+    s_z = tl.load(base + 2 * stride_out, mask=row_ok, other=0.0)
+    s_u = tl.load(base + 3 * stride_out, mask=row_ok, other=0.0)
+    dif = tl.load(base + 4 * stride_out, mask=row_ok, other=0.0)
+    z_a = tl.load(base + 5 * stride_out, mask=row_ok, other=0.0)
+    u_a = tl.load(base + 6 * stride_out, mask=row_ok, other=0.0)
+    s_2 = tl.zeros_like(s_z)
+    dif2 = tl.zeros_like(s_z)
+    if NEED_OPT:
+        s_2 = tl.load(base + 7 * stride_out, mask=row_ok, other=0.0)
+        dif2 = tl.load(base + 8 * stride_out, mask=row_ok, other=0.0)
+    return m_z, m_u, s_z, s_u, dif, z_a, u_a, s_2, dif2
+
+
+@triton.jit
 def _stats_kernel(
     z_ptr,  # [N, P] student logits (any float dtype), read-only
     u_ptr,  # [N, P] teacher logits, read-only
@@ -114,7 +134,8 @@ def _stats_kernel(
     out_ptr,  # [R, N] fp32 statistics, rows Z_MAX .. U_TARGET (.. Z_DIFF2) written
     n_rows, width, stride_z, stride_u, stride_out,
     tau,
-    TEMPERED: tl.constexpr, NEED_OPT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    TEMPERED: tl.constexpr, NEED_OPT: tl.constexpr, FOLD: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     row_ok = rows < n_rows
@@ -127,6 +148,10 @@ def _stats_kernel(
     dif = tl.zeros([BLOCK_N], tl.float32)  # sum exp(z - m_z) ((z - m_z) - (u - m_u))
     s_2 = tl.zeros([BLOCK_N], tl.float32)  # sum exp(z - m_z)^2
     dif2 = tl.zeros([BLOCK_N], tl.float32)  # sum exp(z - m_z)^2 ((z - m_z) - (u - m_u))
+    z_a0 = tl.zeros([BLOCK_N], tl.float32)
+    u_a0 = tl.zeros([BLOCK_N], tl.float32)
+    if FOLD:  # continue from the rows of the columns seen before (an earlier tile of the fused output loss)
+        m_z, m_u, s_z, s_u, dif, z_a0, u_a0, s_2, dif2 = _load_statistics(out_ptr, rows, row_ok, stride_out, NEED_OPT)
     for start in range(0, width, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)  # [BV]
         ok = row_ok[:, None] & (cols < width)[None, :]  # [BN, BV]
@@ -143,7 +168,7 @@ def _stats_kernel(
     z_a = _temper(z_a, tau, TEMPERED)
     u_a = _temper(u_a, tau, TEMPERED)
     _store_statistics(out_ptr, rows, row_ok, stride_out, m_z, m_u, s_z, s_u, dif,
-                      tl.where(owned, z_a, 0.0), tl.where(owned, u_a, 0.0), s_2, dif2, NEED_OPT)
+                      z_a0 + tl.where(owned, z_a, 0.0), u_a0 + tl.where(owned, u_a, 0.0), s_2, dif2, NEED_OPT)
 
 
 @triton.jit
@@ -264,13 +289,16 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def shard_statistics(z, u, local_target, width, temperature, need_opt, out, blocks=None) -> None:
+def shard_statistics(z, u, local_target, width, temperature, need_opt, out, blocks=None, fold=False) -> None:
     """Fill the scalar rows of `out [R, N]` (as stats.local_statistics does) in one fused pass.
 
     z, u: [N, P] shards (read-only); local_target: [N] int64, -1 where this
     shard does not own the target; width: real columns of the shard.
     The top-k rows, if any, are left to `stats.local_topk`. blocks: launch
     shape (BLOCK_N, BLOCK_V, num_warps) instead of the defaults (`_blocks`).
+    fold: `out` already holds the rows of other columns (fused_steps.empty_statistics
+    before the first): these columns are folded into them, as fused_steps.fold_statistics
+    would, in the same pass (the fused output loss's vocabulary tiles).
     """
     z, u = _rows_contiguous(z), _rows_contiguous(u)
     n = z.shape[0]
@@ -281,7 +309,7 @@ def shard_statistics(z, u, local_target, width, temperature, need_opt, out, bloc
     bv = min(bv, max(16, triton.next_power_of_2(max(width, 1))))
     _stats_kernel[(triton.cdiv(n, bn),)](
         z, u, local_target, out, n, width, z.stride(0), u.stride(0), out.stride(0), float(temperature),
-        TEMPERED=temperature != 1.0, NEED_OPT=need_opt, BLOCK_N=bn, BLOCK_V=bv, num_warps=warps,
+        TEMPERED=temperature != 1.0, NEED_OPT=need_opt, FOLD=fold, BLOCK_N=bn, BLOCK_V=bv, num_warps=warps,
     )
 
 
@@ -294,17 +322,21 @@ def _gradient_tiles(z: torch.Tensor, blocks=None):
     return (triton.cdiv(n, bn), triton.cdiv(part, bv)), bn, bv, warps
 
 
-def sampled_gradient(z, lse_z, coef, local_target, width, temperature, z_max=None, blocks=None) -> torch.Tensor:
-    """dz [N, P] in z's dtype: coef_t (e_a - p) on real columns, 0 on padding
+def sampled_gradient(z, lse_z, coef, local_target, width, temperature, z_max=None, blocks=None,
+                     out_dtype=None, out=None) -> torch.Tensor:
+    """dz [N, P] in z's dtype (or out_dtype): coef_t (e_a - p) on real columns, 0 on padding
     and on rows with coef_t = 0.
 
     coef: [N] fp32, already multiplied by the incoming gradient and 1 / tau.
     z_max: optional [N]; when given, lse_z is log sum exp(z / tau - z_max)
     (GlobalStats' z_logsum), which keeps p exact at any logit magnitude.
+    out_dtype: the fused output loss reads fp32 logit tiles and wants the
+    gradient in the weights' dtype, rounded once in the kernel. out: write into
+    this `[N, P]` view instead (unit column stride; the fused loss's gradient buffer).
     """
     z = _rows_contiguous(z)
     n, part = z.shape
-    dz = torch.empty_like(z, memory_format=torch.contiguous_format)  # [N, P]
+    dz = _gradient_out(out, z, out_dtype)  # [N, P]
     if n == 0 or part == 0:
         return dz.zero_()
     grid, bn, bv, warps = _gradient_tiles(z, blocks)
@@ -322,18 +354,36 @@ def full_kl_gradient(z, u, st: S.GlobalStats, coef, width, temperature, blocks=N
     coef: [N] fp32 = mask / tau. Reads z and u once, writes the gradient once.
     Uses st's max-relative normalisers when it has them (combine_statistics' do).
     """
+    return full_kl_gradient_rows(z, u, _normalisers(st), st.kl, coef, width, temperature, blocks)
+
+
+def full_kl_gradient_rows(z, u, normalisers, kl, coef, width, temperature, blocks=None,
+                          out_dtype=None, out=None) -> torch.Tensor:
+    """`full_kl_gradient` from explicit `[N]` rows: normalisers = (max_z, lse_z,
+    max_u, lse_u), each lse relative to its max; kl = K. The gradient is in z's
+    dtype, or out_dtype (the fused output loss: fp32 tiles in, the weights' dtype
+    out), or written into `out` as in sampled_gradient."""
     z, u = _rows_contiguous(z), _rows_contiguous(u)
     n, part = z.shape
-    g = torch.empty_like(z, memory_format=torch.contiguous_format)  # [N, P]
+    g = _gradient_out(out, z, out_dtype)  # [N, P]
     if n == 0 or part == 0:
         return g.zero_()
     grid, bn, bv, warps = _gradient_tiles(z, blocks)
     _full_kl_grad_kernel[grid](
-        z, u, g, *_normalisers(st), st.kl.contiguous(), coef.float().contiguous(),
+        z, u, g, *(t.float().contiguous() for t in normalisers), kl.float().contiguous(), coef.float().contiguous(),
         n, width, part, z.stride(0), u.stride(0), g.stride(0), float(temperature),
         TEMPERED=temperature != 1.0, BLOCK_N=bn, BLOCK_V=bv, num_warps=warps,
     )
     return g
+
+
+def _gradient_out(out, z, out_dtype):
+    """The gradient kernels' output: `out` when given (checked: z's shape, unit
+    column stride: the kernels index `row * stride + col`), else a new tensor."""
+    if out is None:
+        return torch.empty(z.shape, dtype=out_dtype or z.dtype, device=z.device)
+    assert out.shape == z.shape and out.stride(1) == 1, (tuple(out.shape), out.stride())
+    return out
 
 
 def _normalisers(st: S.GlobalStats):

@@ -4,13 +4,13 @@
 plans a GPU job on a laptop. Here, before any process group or weight exists,
 an entry point asks the machine the rest: Transformer Engine and an FP8 GPU
 for what needs them, megatron-core's output_processor hook for the fused
-output layer, a well-formed VOPD_TRITON_TILES. Each failure is a
+output layer, a well-formed VOPD_TRITON_TILES and VOPD_FUSED_GEMM. Each failure is a
 `ConfigError` naming the flag that needs what is missing.
 """
 from __future__ import annotations
 
 from ..config import ConfigError, RunConfig
-from ..loss.backend import env_tiles
+from ..loss.backend import env_tiles, fused_gemm
 from ..megatron.fused_output import output_processor_supported
 from .builder import te_available
 from .fp8 import fp8_runtime_problems
@@ -18,9 +18,10 @@ from .fp8 import fp8_runtime_problems
 
 def check_runtime(run: RunConfig) -> None:
     """What this machine lacks for the run (Transformer Engine, an FP8 GPU, the
-    output_processor hook), and a malformed VOPD_TRITON_TILES."""
+    output_processor hook), and a malformed VOPD_TRITON_TILES or VOPD_FUSED_GEMM."""
     try:
         env_tiles()  # a malformed VOPD_TRITON_TILES (loss kernel tile override)
+        fused_gemm()  # an unknown VOPD_FUSED_GEMM (--vopd-fused-output's tile GEMMs)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if run.distill.vopd_fused_output:
