@@ -21,8 +21,9 @@ the teacher's parameters on that GPU, as built; e: 2 with --bf16 else 4):
                 (LOSS_FP32_TEMPORARIES * 4 * CHUNK_ELEMENTS). In backward the
                 student's logit gradient replaces the teacher's logits.
                 With --vopd-fused-output there are no logit shards: FUSED_TILE_BUFFERS
-                fp32 tiles of <= TILE_ELEMENTS, plus 2 * 4 * s*b*h_s for the fp32
-                hidden-state gradient and one tile's dgrad product.
+                fp32 tiles of <= TILE_ELEMENTS, the backward's gradient group
+                (GRAD_BUFFER_TILES tiles' bytes) and 4 * s*b*h_s for the fp32
+                hidden-state gradient (its dgrad GEMMs add into it in place).
 
 A_layer is Korthikanti et al. (2022, "Reducing Activation Recomputation in
 Large Transformer Models") generalised to grouped-query attention and gated
@@ -38,7 +39,7 @@ buffers, allocator fragmentation, DDP bucket padding (typically a few GiB).
 from __future__ import annotations
 
 from ..config import ModelArgs, RunConfig
-from ..loss.fused_steps import TILE_ELEMENTS
+from ..loss.fused_steps import GRAD_BUFFER_TILES, TILE_ELEMENTS
 from ..loss.vocab_parallel import CHUNK_ELEMENTS
 
 #: fp32 [rows, V/tp] buffers alive at once inside one loss chunk (stats.local_statistics:
@@ -110,8 +111,9 @@ def stage_memory(config: RunConfig, stage: int, p_s: int, p_t: int, dp: int, mic
         # with the student's bf16 output alive while it is upcast.
         logits = (2 * 4 + (e if e < 4 else 0)) * rows * width + LOSS_FP32_TEMPORARIES * 4 * chunk
         if config.distill.vopd_fused_output:  # no logit shards: tiles, and the fp32 hidden-state gradient
-            logits = (FUSED_TILE_BUFFERS * 4 * min(TILE_ELEMENTS, rows * width)
-                      + 2 * 4 * rows * ms.hidden_size)  # dh accumulator + one tile's dgrad product
+            tile = 4 * min(TILE_ELEMENTS, rows * width)  # one fp32 [n, w] tile
+            logits = ((FUSED_TILE_BUFFERS + GRAD_BUFFER_TILES) * tile
+                      + 4 * rows * ms.hidden_size)  # + the fp32 dh accumulator
 
     optimizer_bytes = 12 if tr.bf16 else 8
     return dict(
@@ -142,5 +144,6 @@ def formulas(config: RunConfig, dp: int, flash_attention: bool, keeps_sent: bool
         f"{', bf16 while upcast' if bf16 else ''}) + {LOSS_FP32_TEMPORARIES} fp32 loss chunks of <= "
         f"{CHUNK_ELEMENTS:,} elements" if not config.distill.vopd_fused_output else
         f"logits (last stage, --vopd-fused-output: no logit shards) = {FUSED_TILE_BUFFERS} fp32 tiles of <= "
-        f"{TILE_ELEMENTS:,} elements + 2*4*s*b*h_s (fp32 hidden-state gradient and one tile's dgrad product)",
+        f"{TILE_ELEMENTS:,} elements + the backward's gradient group ({GRAD_BUFFER_TILES} tiles' bytes) + 4*s*b*h_s "
+        "(fp32 hidden-state gradient)",
     ]
