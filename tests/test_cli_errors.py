@@ -114,8 +114,28 @@ def test_command_line_exit_status_and_message(tmp_path, tool):
                          cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={k: v for k, v in os.environ.items() if k != "RANK"})
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "has no records" in out.stderr and "Traceback" not in out.stderr
+    # Exactly one line: Megatron-Core's and torch's import notices about Apex, Transformer
+    # Engine and the CUDA runtime, and validate_args' "Overriding default arguments", are not shown.
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("error: ") and "has no records" in out.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--modes", "vopd,nope"], "--modes: unknown loss mode 'nope'"),
+    (["--modes", ","], "--modes names no loss mode"),
+    (["--tp", "0"], "--tp 0 must be >= 1"),
+    (["--vocab", "10", "--tp", "3"], "--vocab 10 must be divisible by --tp 3"),
+    (["--steps", "0"], "--steps 0 must be >= 1"),
+    (["--lr", "nan"], "--lr nan must be > 0"),
+])
+def test_loss_demo_bad_arguments(argv, message, capsys):
+    from vopd_megatron.demo import main as demo_main
+
+    with pytest.raises(SystemExit) as info:
+        demo_main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err.strip().splitlines()[-1], err  # argparse's usage, then its error line
 
 
 def test_vopd_sft_bad_data(tmp_path):

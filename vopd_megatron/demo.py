@@ -73,11 +73,22 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modes", default=",".join(LOSS_MODES))
     args = ap.parse_args(argv)
+    for flag, value, low in (("--tp", args.tp, 1), ("--states", args.states, 1), ("--vocab", args.vocab, 1),
+                             ("--steps", args.steps, 1), ("--top-k", args.top_k, 1)):
+        if value < low:
+            ap.error(f"{flag} {value} must be >= {low}")
+    if not args.lr > 0:
+        ap.error(f"--lr {args.lr} must be > 0")
     if args.vocab % args.tp:
         ap.error(f"--vocab {args.vocab} must be divisible by --tp {args.tp}")
-    modes = [m.strip() for m in args.modes.split(",")]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes:
+        ap.error("--modes names no loss mode")
     for m in modes:
-        LossConfig(mode=m, top_k=args.top_k)  # fail early on a bad mode
+        try:
+            LossConfig(mode=m, top_k=args.top_k)  # fail early on a bad mode
+        except ValueError as exc:
+            ap.error(f"--modes: {exc}")
     print(f"[demo] distilling a {args.states} x {args.vocab} student table toward a teacher, "
           f"TP={args.tp} over gloo, {args.steps} Adam steps (lr {args.lr}) per mode")
     curves = {}

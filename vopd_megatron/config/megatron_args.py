@@ -140,8 +140,12 @@ def validate(ns: argparse.Namespace, world_size: int, defaults: dict | None = No
             raise ConfigError(describe_failure(exc)) from None
         except SystemExit:  # validate_args calls exit() on a few removed flags
             raise ConfigError("Megatron-LM's argument checks stopped the run (a removed flag)") from None
+    # "Overriding default arguments for ..." is validate_args reporting that the command
+    # line set a flag the tool gave a default (`defaults`: vopd-eval's micro batch of 1,
+    # say) -- what the user asked for, not news to them.
     return [str(w.message).strip() for w in caught
-            if issubclass(w.category, UserWarning) and "megatron/training" in w.filename.replace("\\", "/")]
+            if issubclass(w.category, UserWarning) and "megatron/training" in w.filename.replace("\\", "/")
+            and not str(w.message).startswith("Overriding default arguments for ")]
 
 
 @functools.cache
