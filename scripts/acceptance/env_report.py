@@ -81,6 +81,12 @@ def gpu_lines() -> list[str]:
         lines.append(f"GPU 0: {p.name}, compute capability {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
                      f"{p.total_memory / 2**30:.1f} GiB; {torch.cuda.device_count()} device(s)")
         lines.append(f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, cuDNN {torch.backends.cudnn.version()}")
+        from vopd_megatron.loss import fused_steps
+
+        # The fused output loss's GEMMs: bf16 in, fp32 out (the logit tiles) and fp32
+        # accumulated in place (dgrad into dh); without them it falls back to copies.
+        lines.append(f"fused output GEMMs: mm(out_dtype=fp32) {fused_steps._cuda_mm_out_dtype()}, "
+                     f"addmm(out_dtype=fp32, out=acc) in place {fused_steps._cuda_addmm_out_dtype()}")
     if shutil.which("nvidia-smi"):
         q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
                             "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
