@@ -297,8 +297,8 @@ def test_triton_interpreter_matches_reference(interp_pool, tp, dtype, mode, gemm
     assert interp_pool.run(kernel_kinds) == [("InterpretedFunction",) * 3] * 2
 
 
-def kernel_launches(gemm):
-    """One rank under the interpreter: which launch wrappers a `vopd` fused loss
+def kernel_launches(gemm, mode="vopd"):
+    """One rank under the interpreter: which launch wrappers a fused loss of `mode`
     calls (forward and backward), with 3 vocabulary tiles of 2 row chunks."""
     from vopd_megatron.loss import fused_output_triton as TF
     from vopd_megatron.loss import triton_kernels as TK
@@ -322,8 +322,8 @@ def kernel_launches(gemm):
         g = torch.Generator().manual_seed(0)
         hs, ws = torch.randn(8, 16, generator=g).requires_grad_(), torch.randn(96, 16, generator=g).requires_grad_()
         loss, _, _ = fused_output_opd_loss(hs, ws, hs.detach(), ws.detach() * 0.5, torch.arange(8), torch.ones(8),
-                                           LossConfig(backend="triton"), tile_width=32, tile_elements=32 * 4,
-                                           gemm=gemm)
+                                           LossConfig(mode=mode, top_k=4, backend="triton"), tile_width=32,
+                                           tile_elements=32 * 4, gemm=gemm)
         loss.backward()
     finally:
         for (module, name), fn in real.items():
@@ -334,10 +334,13 @@ def kernel_launches(gemm):
 def test_tile_gemm_choice_reaches_the_kernels(interp_pool):
     # gemm "torch" (the default): per tile chunk one folding statistics launch and one
     # gradient launch of the logits path's kernels; gemm "triton": the tl.dot kernels.
+    # The top-k modes fold with the same kernel whatever gemm says (torch.topk needs the tiles).
     tiles = 3 * 2
     hybrid, dot = interp_pool.run(kernel_launches, "torch")[0], interp_pool.run(kernel_launches, "triton")[0]
     assert hybrid == [("shard_statistics", True)] * tiles + [("sampled_gradient", False)] * tiles, hybrid
     assert dot == [("fused_statistics", False)] + [("sampled_grad_tile", False)] * tiles, dot
+    topk = interp_pool.run(kernel_launches, "triton", "vopd_topk")[0]
+    assert topk == [("shard_statistics", True)] * tiles + [("sampled_grad_tile", False)] * tiles, topk
 
 
 @pytest.mark.parametrize("path", ["fused", "fused:triton"])

@@ -45,7 +45,7 @@ the statistics kernel folding the tile into the running rows, the gradient
 kernels writing `g` in the weights' dtype. With gemm="triton"
 (VOPD_FUSED_GEMM, backend.FUSED_GEMMS) the tiles are formed with `tl.dot`
 inside the kernels of fused_output_triton.py instead and never written.
-The top-k modes keep the PyTorch tiles in forward (`torch.topk` needs them).
+The top-k modes always use the torch GEMM tiles in forward (`torch.topk` needs them).
 "auto" picks Triton for CUDA tensors.
 """
 from __future__ import annotations
@@ -73,41 +73,42 @@ def _local_pass(hs, ws, ht, wt, local_target, owned, cfg, width, k, plan, fused,
     """This shard's `[R, N]` statistics (and `[N, k]` candidate columns for topk_kl).
 
     On the Triton backend the scalar rows come from torch GEMM tiles folded by
-    one kernel each (gemm "torch"), or from one kernel that forms the tiles
-    with `tl.dot` and never writes them (gemm "triton"). The top-k modes need
-    `torch.topk` on each tile, so their forward runs on the PyTorch tiles,
-    which give the scalar rows from the same two GEMMs.
+    one kernel each (gemm "torch", and the top-k modes whatever gemm says), or
+    from one kernel that forms the tiles with `tl.dot` and never writes them
+    (gemm "triton"). Top-k candidates come from `torch.topk` on each tile
+    (there is no top-k kernel), folded with the running ones.
     """
     n = hs.shape[0]
     need_opt, tau = cfg.mode == "vopd_opt", cfg.temperature
     rows_r = S.stat_rows(need_opt, k)
     local = F.empty_statistics(rows_r, n, k, S.stat_dtype(hs.dtype), hs.device)  # [R, N]
-    if fused and not k:
-        target = torch.where(owned, local_target, -1)  # [N]
-        if gemm == "triton":
-            from . import fused_output_triton as TF
+    target = torch.where(owned, local_target, -1)  # [N] shard column of the target, -1 where not owned
+    if fused and gemm == "triton" and not k:
+        from . import fused_output_triton as TF
 
-            TF.fused_statistics(hs, ws, ht, wt, target, width, tau, need_opt, local)
-            return local, None
-        from . import triton_kernels as TK
-
-        for c, rows, _, _ in F.tiles(n, width, *plan):
-            zs = F.mm_f32(hs[rows], ws[c].t())  # [n, w] fp32, untempered: the kernel tempers
-            us = F.mm_f32(ht[rows], wt[c].t())  # [n, w]
-            TK.shard_statistics(zs, us, _tile_target(target[rows], c), zs.shape[1], tau, need_opt, local[:, rows],
-                                fold=True)
-            del zs, us
+        TF.fused_statistics(hs, ws, ht, wt, target, width, tau, need_opt, local)
         return local, None
+    if fused:
+        from . import triton_kernels as TK
     cols = torch.full((n, k), -1, dtype=torch.long, device=hs.device) if with_cols else None
     tile = torch.empty_like(local)  # [R, n] per tile, reused
     tile_cols = torch.empty(n, k, dtype=torch.long, device=hs.device) if with_cols else None
     for c, rows, _, _ in F.tiles(n, width, *plan):
-        zs = F.logit_tile(hs[rows], ws[c], tau)  # [n, w] fp32
-        us = F.logit_tile(ht[rows], wt[c], tau)  # [n, w] fp32
-        t, tc = tile[:, : zs.shape[0]], None if tile_cols is None else tile_cols[: zs.shape[0]]
-        lt = local_target[rows] - c.start  # [n] target column inside the tile
-        F.tile_statistics(zs, us, lt, owned[rows] & (lt >= 0) & (lt < zs.shape[1]), need_opt, k, t, tc)
-        F.fold_statistics(local[:, rows], t, need_opt)
+        chunk = rows.stop - rows.start
+        t, tc = tile[:, :chunk], None if tile_cols is None else tile_cols[:chunk]
+        if fused:  # one kernel folds both tiles into the running rows (it tempers them itself)
+            zs = F.mm_f32(hs[rows], ws[c].t())  # [n, w] fp32, untempered
+            us = F.mm_f32(ht[rows], wt[c].t())  # [n, w]
+            TK.shard_statistics(zs, us, _tile_target(target[rows], c), zs.shape[1], tau, need_opt, local[:, rows],
+                                fold=True)
+            if k:
+                F.tile_topk(zs, us, k, tau, t[-2 * k :], tc)
+        else:
+            zs = F.logit_tile(hs[rows], ws[c], tau)  # [n, w] fp32
+            us = F.logit_tile(ht[rows], wt[c], tau)  # [n, w] fp32
+            lt = local_target[rows] - c.start  # [n] target column inside the tile
+            F.tile_statistics(zs, us, lt, owned[rows] & (lt >= 0) & (lt < zs.shape[1]), need_opt, k, t, tc)
+            F.fold_statistics(local[:, rows], t, need_opt)
         if k:
             if tc is not None:
                 tc.add_(torch.where(tc >= 0, c.start, 0))  # tile columns -> shard columns

@@ -29,8 +29,8 @@ tile never leaves registers:
   dtype; the dgrad and wgrad GEMMs run on torch (fused_output.py).
 
 Top-k candidates are not a kernel (as on the logits path): the top-k modes
-run their forward on the PyTorch tiles (fused_output._local_pass), whose two
-GEMMs per tile give `torch.topk` its input and the statistics at once.
+run their forward on torch GEMM tiles (fused_output._local_pass), which give
+`torch.topk` its input and the folding statistics kernel its tiles at once.
 fp32 inputs use IEEE fp32 dot products (`input_precision="ieee"`, not TF32),
 so fp32 results match the PyTorch path's. Like triton_kernels.py, the
 kernels run compiled on CUDA and under `TRITON_INTERPRET=1` on CPU tensors.

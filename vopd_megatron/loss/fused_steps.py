@@ -227,6 +227,19 @@ def tile_statistics(zs, us, local_target, owned, need_opt, k, out, cols_out=None
                        None if cols_out is None else cols_out[:, : min(k, w)])
 
 
+def tile_topk(zs, us, k, temperature, out, cols_out=None) -> None:
+    """`stats.local_topk` of untempered fp32 tiles into `out [2k, n]`: the candidates
+    are chosen on `zs` (dividing by tau > 0 keeps the order) and only the chosen
+    values are tempered, each exactly as dividing the whole tile would.
+    cols_out: optional [n, k] long, receives tile columns (-1 past the tile's width)."""
+    k_loc = min(k, zs.shape[1])
+    if cols_out is not None:
+        cols_out[:, k_loc:] = -1
+    S.local_topk(zs, us, k, out, None if cols_out is None else cols_out[:, :k_loc], u_temperature=temperature)
+    if temperature != 1.0:
+        out[:k_loc].div_(temperature)
+
+
 def topk_grad_tile(cols: torch.Tensor, grad: torch.Tensor, c0: int, width: int) -> torch.Tensor:
     """Dense `[n, width]` tile of the sparse top-k gradient: `grad [n, k]` at shard
     columns `cols [n, k]`, kept where `c0 <= col < c0 + width`, zero elsewhere."""
