@@ -130,6 +130,25 @@ def test_megatron_assertions_become_errors_naming_flags():
         parse_config(MODEL + ["--save", "/ckpt"])
 
 
+def test_batch_size_errors_name_the_flag_that_was_set(tmp_path):
+    # validate_args checks the evaluation batch sizes it copied from the training ones first;
+    # when they were not given, the error names --global-batch-size, not --eval-global-batch-size.
+    base = MODEL + ["--micro-batch-size", "2", "--global-batch-size", "7"]
+    with pytest.raises(ConfigError, match=r"^--global-batch-size 7 is not divisible by --micro-batch-size 2 x "
+                                          r"data-parallel size 1"):
+        parse_config(base)
+    with pytest.raises(ConfigError, match=r"eval_global_batch_size \(9\).*\(--eval-global-batch-size"):
+        parse_config(MODEL + ["--micro-batch-size", "2", "--global-batch-size", "8", "--eval-global-batch-size", "9"])
+
+
+def test_missing_teacher_config_names_its_flag(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--teacher-model-config: teacher config file \S*nope.yaml not found"):
+        parse_config(MODEL + ["--teacher-model-config", str(tmp_path / "nope.yaml")])
+    (tmp_path / "bad.yaml").write_text("num-layers: [1\n")
+    with pytest.raises(ConfigError, match=r"^--teacher-model-config: teacher config file \S*bad.yaml is not valid"):
+        parse_config(MODEL + ["--teacher-model-config", str(tmp_path / "bad.yaml")])
+
+
 def test_no_effect_flags_warn(capsys):
     run, ns = parse_config(MODEL + ["--log-throughput", "--eval-interval", "10", "--overlap-grad-reduce"])
     err = capsys.readouterr().err

@@ -133,10 +133,19 @@ def validate(ns: argparse.Namespace, world_size: int, defaults: dict | None = No
     from megatron.training.arguments import validate_args
 
     ns.world_size, ns.rank = world_size, rank
+    # validate_args copies the training batch sizes into the evaluation ones it was not
+    # given, then checks those first: a bad --global-batch-size would be reported as
+    # the --eval-global-batch-size nobody set.
+    eval_set = {d: getattr(ns, d, None) is not None for d in ("eval_global_batch_size", "eval_micro_batch_size")}
     with _validation_context() as caught:
         try:
             validate_args(ns, dict(defaults or {}))
         except (AssertionError, ValueError, RuntimeError, TypeError, KeyError) as exc:
+            if "eval_global_batch_size" in str(exc) and not any(eval_set.values()):
+                raise ConfigError(
+                    f"--global-batch-size {ns.global_batch_size} is not divisible by --micro-batch-size "
+                    f"{ns.micro_batch_size} x data-parallel size {ns.data_parallel_size} (Megatron-LM's check)"
+                ) from None
             raise ConfigError(describe_failure(exc)) from None
         except SystemExit:  # validate_args calls exit() on a few removed flags
             raise ConfigError("Megatron-LM's argument checks stopped the run (a removed flag)") from None

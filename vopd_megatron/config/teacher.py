@@ -66,7 +66,11 @@ def teacher_namespace(parser: argparse.ArgumentParser, student_tokens: list[str]
         return parse_tokens(parser, student_tokens, "command line")
     defaults = megatron_defaults()
     where = f"teacher config {path}"
-    items = read_yaml(path)
+    try:
+        items = read_yaml(path)
+    except ConfigError as exc:  # say which config: the student's was read already
+        flag = "--teacher-model-config" if getattr(student, "teacher_model_config", None) else "--teacher-load"
+        raise ConfigError(f"{flag}: teacher {exc}") from None
     nulls = {name: entry for name, entry in items.items() if entry[0] is None}
     tokens, dests = items_tokens({k: v for k, v in items.items() if k not in nulls}, where, parser, set(defaults))
     teacher = parse_tokens(parser, student_tokens + tokens, where)
