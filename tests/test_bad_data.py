@@ -95,6 +95,8 @@ ROLLOUT_CASES = {
     "string-logprob": (['{"prompt_ids": [1], "completion_ids": [2], "logprobs": ["-1"]}'], [], "'logprobs'[0] is '-1'"),
     "correction-without-logprobs": (['{"prompt_ids": [1], "completion_ids": [2]}'], ["--vopd-rollout-correction", "truncate"],
                                     "no 'logprobs' field, which --vopd-rollout-correction needs"),
+    "misnamed-logprobs": (['{"prompt_ids": [1], "completion_ids": [2], "behavior_logprobs": [-1.0]}'],
+                          ["--vopd-rollout-correction", "truncate"], "the record has 'behavior_logprobs': rename it"),
     "not-json": (['{"prompt_ids": [1], "completion_ids": [2'], [], "not valid JSON"),
     "json-list": (['[[1, 2], [3]]'], [], "expected a JSON object, got a list"),
     "missing-completion": (['{"prompt_ids": [1], "completion": [2]}'], [], "missing field 'completion_ids'"),
@@ -108,6 +110,20 @@ def test_bad_rollout_row(dirs, no_process_group, case):
     path = inputs / "rollouts.jsonl"
     path.write_text("\n".join([GOOD_ROLLOUT, *lines]) + "\n")  # the bad row is line 2
     check(train_main, base(outputs, "--rollout-data", str(path), *flags), inputs, f"{path}:2", says)
+
+
+def test_misnamed_logprob_fields_are_reported(tmp_path):
+    # Without rollout correction the log-probs are optional, so a file that names them
+    # otherwise is not an error, but they would go unread: the source lists such fields.
+    from vopd_megatron.rollout.file_source import JsonlRolloutSource
+
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"prompt_ids": [1], "completion_ids": [2], "behavior_logprobs": [-1.0], "text": "x"}\n'
+                    '{"prompt_ids": [1], "completion_ids": [2], "log_probs": [-1.0]}\n'
+                    '{"prompt_ids": [1], "completion_ids": [2], "logprobs": [-1.0]}\n')
+    source = JsonlRolloutSource(path, vocab_size=10)
+    assert source.misnamed_logprobs == {"behavior_logprobs", "log_probs"}
+    assert [r.logprobs is None for r in source.rollouts] == [True, True, False]
 
 
 @pytest.mark.parametrize("case", ["missing", "directory", "empty", "binary"])

@@ -13,6 +13,7 @@ _IMPORT_NOTICES = (
     "Apex is not installed",
     "Transformer Engine and Apex are not installed",
     "Only transformer-engine>=1.7.0 supports MoE experts",
+    "MimoModelConfig is experimental",
 )
 for _text in _IMPORT_NOTICES:
     warnings.filterwarnings("ignore", message=re.escape(_text), category=UserWarning)

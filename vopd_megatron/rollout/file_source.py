@@ -21,12 +21,17 @@ class JsonlRolloutSource:
     train on nothing. A completion cut at seq_length + 1 tokens is kept (its
     first tokens are trained on) and counted in `truncated`. With
     `needs_logprobs` (rollout correction, PPO ratio) every row must carry them.
+    Other fields are ignored (servers write text, rewards, ids), except that
+    fields named like log-probs but not `logprobs` (`behavior_logprobs`,
+    `log_probs`, ...) are collected in `misnamed_logprobs`: the caller warns,
+    since such a file's log-probs would silently go unused.
     """
 
     def __init__(self, path: str | Path, vocab_size: int | None = None, *, seq_length: int | None = None,
                  needs_logprobs: str | None = None):
         self.path = checks.require_file(path, "rollout file")
         self.seq_length, self.needs_logprobs, self.truncated = seq_length, needs_logprobs, 0
+        self.misnamed_logprobs: set[str] = set()
         try:
             lines = self.path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:
@@ -51,12 +56,15 @@ class JsonlRolloutSource:
                             f"{self.seq_length}: no completion token would be trained on")
         if self.seq_length is not None and len(prompt) + len(completion) > self.seq_length + 1:
             self.truncated += 1
+        misnamed = sorted(k for k in rec if k != "logprobs" and "logprob" in k.replace("_", "").lower())
+        self.misnamed_logprobs.update(misnamed)
         lp = rec.get("logprobs")
         if lp is not None:
             lp = checks.logprobs(where, "logprobs", lp, len(completion))
         elif self.needs_logprobs:
+            hint = f"; the record has {', '.join(map(repr, misnamed))}: rename it 'logprobs'" if misnamed else ""
             raise DataError(f"{where}: no 'logprobs' field, which {self.needs_logprobs} needs "
-                            "(the sampler's log-prob of every completion token)")
+                            f"(the sampler's log-prob of every completion token){hint}")
         return Rollout(prompt, completion, lp, source=where)
 
     def take(self, n, dp_size=1, dp_rank=0):

@@ -72,4 +72,7 @@ def load_rollout_file(run) -> JsonlRolloutSource:
                 + (f"; {source.truncated} longer than --seq-length + 1, their completions cut" if source.truncated
                    else "")
                 + (f"; warning: fewer than --global-batch-size {gbs}, rows repeat within a step" if n < gbs else ""))
+    if source.misnamed_logprobs:
+        rank0_print(f"[vopd] warning: {d.rollout_data}: field(s) {', '.join(sorted(source.misnamed_logprobs))} "
+                    "not read; the sampler's per-token log-probs are read from 'logprobs'")
     return source
