@@ -33,7 +33,7 @@ set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 ALL_STAGES=(install env gpu_tests bench_loss bench_fused train tiles teacher_fp8)
-declare -A CAP_GPU=([install]=60 [env]=30 [gpu_tests]=150 [bench_loss]=150 [bench_fused]=90 [train]=200 [tiles]=100
+declare -A CAP_GPU=([install]=60 [env]=30 [gpu_tests]=150 [bench_loss]=150 [bench_fused]=120 [train]=200 [tiles]=100
                     [teacher_fp8]=90)
 declare -A CAP_SMOKE=([install]=180 [env]=90 [gpu_tests]=300 [bench_loss]=400 [bench_fused]=200 [train]=400 [tiles]=200
                       [teacher_fp8]=200)
