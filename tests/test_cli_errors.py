@@ -152,3 +152,36 @@ def test_vopd_sft_bad_data(tmp_path):
     assert "has no rows" in _error(sft_main, base + ["--sft-data", str(empty)])
     assert "needs --tokenizer-model" in _error(
         sft_main, ["--config", "examples/tiny/config.yaml", "--sft-data", str(empty)])
+
+
+def _example(path: str, name: str, monkeypatch):
+    """An example script as a module (its directory on sys.path, for its sibling imports)."""
+    import importlib.util
+
+    file = ROOT / path
+    monkeypatch.syspath_prepend(str(file.parent))
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path,argv,status,message", [
+    # Refused before the teacher is trained (the mode used to be looked at only after it).
+    ("examples/arithmetic/compare_modes.py", ["--modes", "vopd,nope"], 2, "--modes: unknown ['nope']"),
+    ("examples/arithmetic/compare_modes.py", ["--jobs", "0"], 2, "--jobs 0 must be >= 1"),
+    ("examples/arithmetic/prepare.py", ["--out", "{file}/sub"], 2, "--out {file}/sub: cannot create it"),
+    ("examples/smollm2/prepare.py", ["--out", "{file}/sub"], 2, "--out {file}/sub: cannot create it"),
+    ("examples/arithmetic/accuracy.py", ["--load", "/nonexistent"], 1, "missing --num-layers"),
+])
+def test_example_scripts_refuse_bad_arguments(tmp_path, monkeypatch, capsys, path, argv, status, message):
+    file = tmp_path / "a-file"
+    file.write_text("")
+    name = f"example_{Path(path).parent.name}_{Path(path).stem}"
+    module = _example(path, name, monkeypatch)
+    with pytest.raises(SystemExit) as info:
+        module.main([a.replace("{file}", str(file)) for a in argv])
+    err = capsys.readouterr().err + (str(info.value.code) if isinstance(info.value.code, str) else "")
+    assert (info.value.code if isinstance(info.value.code, int) else 1) == status
+    assert message.replace("{file}", str(file)) in err.strip().splitlines()[-1], err
+    assert not any(tmp_path.glob("a-file/*"))

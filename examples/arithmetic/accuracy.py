@@ -26,6 +26,8 @@ import re
 import sys
 from pathlib import Path
 
+from vopd_megatron.errors import entry_point
+
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
@@ -74,6 +76,7 @@ def parse(argv):
     return own, run
 
 
+@entry_point
 def main(argv=None):
     own, run = parse(argv)
 

@@ -256,7 +256,12 @@ def main(argv=None):
                                                    "--short: <out>/report.md)")
     args = ap.parse_args(argv)
     recipe = SHORT if args.short else RECIPE
-    modes = args.modes.split(",") if args.modes else (["opd", "vopd"] if args.short else MODES)
+    modes = [m for m in args.modes.split(",") if m] if args.modes else (["opd", "vopd"] if args.short else MODES)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:  # before the teacher is trained, not after
+        ap.error(f"--modes: unknown {unknown}; choose from {','.join(MODES)}" if unknown else "--modes names no mode")
+    if args.jobs < 1:
+        ap.error(f"--jobs {args.jobs} must be >= 1")
     out = Path(args.out or ROOT / "runs" / "arithmetic" / ("short" if args.short else "full"))
     report = Path(args.report) if args.report else (out / "report.md" if args.short else ROOT / "docs" / "arithmetic_report.md")
     t_start = time.perf_counter()

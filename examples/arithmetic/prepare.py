@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from vopd_megatron.errors import entry_point
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CONFIG = HERE / "config.yaml"
@@ -135,10 +137,15 @@ def prepare(out: Path, log=_print) -> dict:
     return summary
 
 
+@entry_point
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "runs" / "arithmetic"))
     args = ap.parse_args(argv)
+    try:  # an --out that cannot be created: one error line, before any work
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        ap.error(f"--out {args.out}: cannot create it ({exc.strerror or exc})")
     prepare(Path(args.out))
 
 
