@@ -136,12 +136,12 @@ def validate(ns: argparse.Namespace, world_size: int, defaults: dict | None = No
     # validate_args copies the training batch sizes into the evaluation ones it was not
     # given, then checks those first: a bad --global-batch-size would be reported as
     # the --eval-global-batch-size nobody set.
-    eval_set = {d: getattr(ns, d, None) is not None for d in ("eval_global_batch_size", "eval_micro_batch_size")}
+    eval_given = any(getattr(ns, d, None) is not None for d in ("eval_global_batch_size", "eval_micro_batch_size"))
     with _validation_context() as caught:
         try:
             validate_args(ns, dict(defaults or {}))
         except (AssertionError, ValueError, RuntimeError, TypeError, KeyError) as exc:
-            if "eval_global_batch_size" in str(exc) and not any(eval_set.values()):
+            if "eval_global_batch_size" in str(exc) and not eval_given:
                 raise ConfigError(
                     f"--global-batch-size {ns.global_batch_size} is not divisible by --micro-batch-size "
                     f"{ns.micro_batch_size} x data-parallel size {ns.data_parallel_size} (Megatron-LM's check)"

@@ -63,12 +63,6 @@ from .terms import TokenTerms, reduce_token_terms
 from .vocab_parallel import all_gather_stats, group_rank_size
 
 
-def _tile_target(target: torch.Tensor, cols: slice) -> torch.Tensor:
-    """`[n]` target column inside the vocabulary tile `cols`, from shard columns
-    (-1 where not owned); the kernels ignore values outside `[0, tile width)`."""
-    return torch.where(target >= 0, target - cols.start, -1).contiguous()
-
-
 def _local_pass(hs, ws, ht, wt, local_target, owned, cfg, width, k, plan, fused, with_cols, gemm):
     """This shard's `[R, N]` statistics (and `[N, k]` candidate columns for topk_kl).
 
@@ -99,7 +93,7 @@ def _local_pass(hs, ws, ht, wt, local_target, owned, cfg, width, k, plan, fused,
         if fused:  # one kernel folds both tiles into the running rows (it tempers them itself)
             zs = F.mm_f32(hs[rows], ws[c].t())  # [n, w] fp32, untempered
             us = F.mm_f32(ht[rows], wt[c].t())  # [n, w]
-            TK.shard_statistics(zs, us, _tile_target(target[rows], c), zs.shape[1], tau, need_opt, local[:, rows],
+            TK.shard_statistics(zs, us, F.tile_target(target[rows], c), zs.shape[1], tau, need_opt, local[:, rows],
                                 fold=True)
             if k:
                 F.tile_topk(zs, us, k, tau, t[-2 * k :], tc)
@@ -173,13 +167,11 @@ class FusedOutputOPDLoss(torch.autograd.Function):
         hs_w = hs.masked_fill((row_coef == 0)[:, None], 0.0) if need_w and ctx.zero_masked else hs  # [N, H_s]
         # Groups of vocabulary tiles (fused_steps.grad_group): each tile's gradient is
         # written into one buffer, then one dgrad and one wgrad GEMM take the group.
-        tile_elements, width_override = ctx.plan
-        group = F.grad_group(hs.dtype)
-        step_w = F.tile_columns(n, ctx.width, tile_elements, width_override) * group
-        buf = hs.new_empty(min(n, max(1, tile_elements * group // step_w)) * min(ctx.width, step_w))
-        dw_acc = None
-        for c, rows, first, last, subs in F.grad_tiles(n, ctx.width, tile_elements, width_override, group):
-            g = buf[: (rows.stop - rows.start) * (c.stop - c.start)].view(rows.stop - rows.start, -1)  # [n, W]
+        buf = dw_acc = None
+        for c, rows, first, last, subs in F.grad_tiles(n, ctx.width, *ctx.plan, F.grad_group(hs.dtype)):
+            size = (rows.stop - rows.start) * (c.stop - c.start)
+            buf = hs.new_empty(size) if buf is None else buf  # the first group is the largest
+            g = buf[:size].view(rows.stop - rows.start, -1)  # [n, W]
             for sub in subs:  # [n, w] each, rounded to the weights' dtype like the logits path's dz
                 grad_tile(sub, rows, g[:, sub.start - c.start : sub.stop - c.start])
             if need_h:
@@ -220,7 +212,7 @@ def _grad_tile_fn(cfg, saved, grad_loss, fused, zero_masked, gemm):
 
             def sampled_kernel(cols, rows, out):
                 zs = F.mm_f32(hs[rows], ws[cols].t())  # [n, w] fp32 recomputed, untempered
-                TK.sampled_gradient(zs, z_logsum[rows], c[rows], _tile_target(tgt[rows], cols), zs.shape[1], tau,
+                TK.sampled_gradient(zs, z_logsum[rows], c[rows], F.tile_target(tgt[rows], cols), zs.shape[1], tau,
                                     z_max=z_max[rows], out=out)
 
             return sampled_kernel, c

@@ -248,7 +248,7 @@ def sampled_grad_tile(hs, ws, cols, rows, z_norm, coef, local_target, temperatur
     incoming gradient and 1 / tau; rows with 0 get 0); local_target: [N] shard
     column of the target, -1 where not owned; out: as `_grad_tile`.
     """
-    tgt = torch.where(local_target[rows] >= 0, local_target[rows] - cols.start, -1).contiguous()  # [n]
+    tgt = F.tile_target(local_target[rows], cols)  # [n]
     return _grad_tile(hs, ws, None, None, cols, rows, z_norm, coef, tgt, temperature, False, out)
 
 

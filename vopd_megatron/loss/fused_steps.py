@@ -227,6 +227,12 @@ def tile_statistics(zs, us, local_target, owned, need_opt, k, out, cols_out=None
                        None if cols_out is None else cols_out[:, : min(k, w)])
 
 
+def tile_target(target: torch.Tensor, cols: slice) -> torch.Tensor:
+    """`[n]` target column inside the vocabulary tile `cols`, from shard columns
+    (-1 where not owned); the kernels ignore values outside `[0, tile width)`."""
+    return torch.where(target >= 0, target - cols.start, -1).contiguous()
+
+
 def tile_topk(zs, us, k, temperature, out, cols_out=None) -> None:
     """`stats.local_topk` of untempered fp32 tiles into `out [2k, n]`: the candidates
     are chosen on `zs` (dividing by tau > 0 keeps the order) and only the chosen
